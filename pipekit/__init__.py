@@ -1,0 +1,56 @@
+"""pipekit: declarative ML pipelines — Hydra configs, Dask execution, MLflow tracking, Jupyter.
+
+    import pipekit as pk
+    p = pk.load("cancer", overrides=["stages.train.params.C=0.5"])
+    result = p.run()
+    result["evaluate"]
+
+Heavy libraries (Dask, MLflow, graphviz, ipywidgets) load only when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import compose, load
+from .errors import (
+    ConfigError,
+    CycleError,
+    PipekitError,
+    StageError,
+    UnknownStageError,
+)
+from .events import Observer, RunInfo, StageEvent
+from .pipeline import Pipeline
+from .result import RunResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "CycleError",
+    "Observer",
+    "PipekitError",
+    "Pipeline",
+    "RunInfo",
+    "RunResult",
+    "StageError",
+    "StageEvent",
+    "UnknownStageError",
+    "compose",
+    "lineage",
+    "load",
+    "panel",
+]
+
+_LAZY = {"panel": ("widgets", "panel"), "lineage": ("tracking", "lineage")}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the optional parts (widgets, tracking) on first use."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'pipekit' has no attribute {name!r}")

@@ -1,0 +1,139 @@
+"""Stage lifecycle events: the one seam between execution and its observers.
+
+The executor emits `pending -> running -> done | cached | failed | skipped` for each
+stage, framed by `run_started` / `run_finished`. Tracking, drawing, widgets and progress
+displays subclass `Observer`; the executor never imports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .result import RunResult
+
+State = Literal["pending", "running", "done", "cached", "failed", "skipped"]
+STATES: tuple[State, ...] = ("pending", "running", "done", "cached", "failed", "skipped")
+FINAL_STATES = frozenset({"done", "cached", "failed", "skipped"})
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StageEvent:
+    """A stage changed state. `output` is set on `done`/`cached`, `error` on `failed`."""
+
+    stage: str
+    state: State
+    at: float
+    duration: float | None = None
+    output: Any = None
+    error: BaseException | None = None
+    traceback: str = ""
+    reason: str = ""
+    #: extra facts for observers, e.g. {"cache_key": ..., "manifest": {...}} from the cache
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What observers learn when a run starts."""
+
+    pipeline: Pipeline
+    stages: tuple[str, ...]
+    executor: str
+    run_id: str
+    started: float
+    overrides: tuple[str, ...] = ()
+    #: the stage cache store of this run, or None when caching is off
+    cache: Any = None
+
+
+class Observer:
+    """Subclass and override what you need; every hook defaults to doing nothing."""
+
+    def run_started(self, run: RunInfo) -> None:
+        """Called once before any stage runs."""
+
+    def stage_changed(self, event: StageEvent) -> None:
+        """Called in the driver process, in order, for every stage state change."""
+
+    def run_finished(self, run: RunInfo, result: RunResult) -> None:
+        """Called once after the last stage, also when stages failed."""
+
+    def run_interrupted(self, run: RunInfo, error: BaseException) -> None:
+        """Called when the run stops abnormally (Ctrl-C, scheduler error)."""
+
+
+class Observers(Observer):
+    """Fans events out to many observers; one faulty observer never breaks a run."""
+
+    def __init__(self, observers: Iterable[Observer] = ()):
+        self._observers = [o for o in observers if o is not None]
+
+    def __bool__(self) -> bool:
+        return bool(self._observers)
+
+    def _each(self, hook: str, *args: Any) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:  # an observer bug must not kill the user's pipeline
+                log.exception("pipekit observer %r failed in %s", observer, hook)
+
+    def run_started(self, run: RunInfo) -> None:
+        self._each("run_started", run)
+
+    def stage_changed(self, event: StageEvent) -> None:
+        self._each("stage_changed", event)
+
+    def run_finished(self, run: RunInfo, result: RunResult) -> None:
+        self._each("run_finished", run, result)
+
+    def run_interrupted(self, run: RunInfo, error: BaseException) -> None:
+        self._each("run_interrupted", run, error)
+
+
+class StatusBoard(Observer):
+    """Keeps the latest state and timing of every stage: the model behind live displays."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, State] = {}
+        self.started: dict[str, float] = {}
+        self.duration: dict[str, float] = {}
+        self.reason: dict[str, str] = {}
+        self.run: RunInfo | None = None
+
+    def run_started(self, run: RunInfo) -> None:
+        self.run = run
+        self.state = dict.fromkeys(run.stages, "pending")
+        self.started.clear()
+        self.duration.clear()
+        self.reason.clear()
+
+    def stage_changed(self, event: StageEvent) -> None:
+        self.state[event.stage] = event.state
+        if event.state == "running":
+            self.started[event.stage] = event.at
+        if event.duration is not None:
+            self.duration[event.stage] = event.duration
+        if event.reason:
+            self.reason[event.stage] = event.reason
+
+    def counts(self) -> Mapping[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for state in self.state.values():
+            out[state] += 1
+        return out
+
+    def elapsed(self, stage: str) -> float | None:
+        if stage in self.duration:
+            return self.duration[stage]
+        if stage in self.started:
+            return time.perf_counter() - self.started[stage]
+        return None

@@ -1,0 +1,1 @@
+"""Example stage functions used by the shipped pipelines in `conf/pipeline/`."""

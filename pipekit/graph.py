@@ -1,0 +1,153 @@
+"""The DAG of stages: edge checks, cycles with their path, order and slicing.
+
+Standard library only, iterative throughout (100k-stage pipelines must not hit the
+recursion limit). Modelled on `graphlib`: small, and `CycleError` carries the cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from .errors import CycleError, SelfEdgeError, UnknownStageError, did_you_mean, where
+from .spec import PipelineSpec
+
+
+class Graph:
+    """An immutable DAG over names; `deps[name]` are the names it waits for."""
+
+    __slots__ = ("_deps", "_order")
+
+    def __init__(self, deps: Mapping[str, Sequence[str]]):
+        self._deps = deps
+        self._order: list[str] | None = None
+
+    @classmethod
+    def of(cls, spec: PipelineSpec) -> Graph:
+        """The graph of a pipeline whose edges were checked by `check_edges`."""
+        return cls({name: stage.upstream for name, stage in spec.stages.items()})
+
+    @property
+    def deps(self) -> Mapping[str, Sequence[str]]:
+        return self._deps
+
+    def find_cycle(self) -> list[str] | None:
+        """A cycle as a path whose first and last names are equal, or None."""
+        deps = self._deps
+        done: set[str] = set()
+        for root in deps:
+            if root in done:
+                continue
+            path: list[str] = [root]
+            on_path = {root: 0}
+            iters = [iter(deps[root])]
+            while iters:
+                for dep in iters[-1]:
+                    if dep in on_path:  # back edge: path[on_path[dep]:] is the cycle
+                        cycle = path[on_path[dep] :] + [dep]
+                        cycle.reverse()  # report in execution order: dep -> ... -> dep
+                        return cycle
+                    if dep not in done:
+                        on_path[dep] = len(path)
+                        path.append(dep)
+                        iters.append(iter(deps[dep]))
+                        break
+                else:
+                    iters.pop()
+                    node = path.pop()
+                    del on_path[node]
+                    done.add(node)
+        return None
+
+    def order(self) -> list[str]:
+        """Topological order, stable with respect to declaration order (Kahn)."""
+        if self._order is None:
+            deps = self._deps
+            waiting = {name: len(d) for name, d in deps.items()}
+            children: dict[str, list[str]] = {name: [] for name in deps}
+            for name, d in deps.items():
+                for dep in d:
+                    children[dep].append(name)
+            ready = [name for name, n in waiting.items() if n == 0]
+            ready.reverse()
+            order: list[str] = []
+            while ready:
+                name = ready.pop()
+                order.append(name)
+                released = []
+                for child in children[name]:
+                    waiting[child] -= 1
+                    if waiting[child] == 0:
+                        released.append(child)
+                ready.extend(reversed(released))
+            if len(order) != len(deps):
+                cycle = self.find_cycle() or []
+                raise CycleError(f"cycle {' -> '.join(cycle)}", cycle)
+            self._order = order
+        return self._order
+
+    def upstream(self, names: Iterable[str]) -> set[str]:
+        """`names` and everything they transitively wait for."""
+        return _closure(names, self._deps)
+
+    def downstream(self, names: Iterable[str]) -> set[str]:
+        """`names` and everything that transitively waits for them."""
+        children: dict[str, list[str]] = {name: [] for name in self._deps}
+        for name, d in self._deps.items():
+            for dep in d:
+                children[dep].append(name)
+        return _closure(names, children)
+
+    def subgraph(self, names: set[str]) -> Graph:
+        return Graph({n: d for n, d in self._deps.items() if n in names})
+
+
+def _closure(start: Iterable[str], edges: Mapping[str, Sequence[str]]) -> set[str]:
+    seen: set[str] = set()
+    stack = list(start)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(edges[name])
+    return seen
+
+
+def check_edges(spec: PipelineSpec) -> Graph:
+    """Check every edge names a known stage and that the graph is acyclic; return it."""
+    names = spec.stages
+    for stage in names.values():
+        for arg, ref in stage.inputs.items():
+            _check_ref(spec.name, stage.name, f"input '{arg}'", ref.stage, names)
+        for dep in stage.after:
+            _check_ref(spec.name, stage.name, "'after'", dep, names)
+    graph = Graph.of(spec)
+    cycle = graph.find_cycle()
+    if cycle:
+        raise CycleError(f"{where(spec.name)}: cycle {' -> '.join(cycle)}", cycle)
+    return graph
+
+
+def check_targets(spec: PipelineSpec, targets: Iterable[str]) -> list[str]:
+    """Validate names asked for in `targets`; return them as a list."""
+    targets = list(targets)
+    for name in targets:
+        if name not in spec.stages:
+            raise UnknownStageError(
+                f"{where(spec.name)}: target '{name}' is not a stage"
+                f"{did_you_mean(name, spec.stages)}; stages are {', '.join(spec.stages)}"
+            )
+    return targets
+
+
+def _check_ref(pipeline: str, stage: str, what: str, ref: str, names: Mapping) -> None:
+    if ref == stage:
+        raise SelfEdgeError(
+            f"{where(pipeline, stage, what)} refers to the stage itself; a stage cannot "
+            f"depend on its own output",
+            [stage, stage],
+        )
+    if ref not in names:
+        raise UnknownStageError(
+            f"{where(pipeline, stage, what)} refers to unknown stage '{ref}'"
+            f"{did_you_mean(ref, names)}"
+        )

@@ -1,0 +1,253 @@
+"""`Pipeline`: a validated, runnable pipeline — the object users hold in notebooks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, StageError, where
+from .events import Observer, Observers, RunInfo, StageEvent, StatusBoard
+from .execute import SCHEDULERS, Failed, Skipped, build_graph, compute
+from .graph import Graph, check_edges, check_targets
+from .result import RunResult
+from .spec import TOP_LEVEL_KEYS, PipelineSpec, Stage, interpolated_keys, parse_pipeline
+
+
+class Pipeline:
+    """A pipeline parsed from a composed config; `validate()` then `run()`."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        *,
+        overrides: Sequence[str] = (),
+        config_dir: str | Path | None = None,
+        config_name: str = "config",
+    ):
+        self.spec = spec
+        self.overrides = tuple(overrides)
+        self.config_dir = config_dir
+        self.config_name = config_name
+        self._graph: Graph | None = None
+        self._funcs: dict[str, Callable[..., Any]] | None = None
+        self.last_result: RunResult | None = None
+
+    # --- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, overrides: Sequence[str] = (), **kwargs: Any) -> Pipeline:
+        """Parse a composed Hydra/OmegaConf config (or a plain mapping) into a Pipeline.
+
+        The config is resolved and converted to plain Python exactly once.
+        """
+        plain, interpolated = _to_plain(cfg)
+        return cls(parse_pipeline(plain, interpolated=interpolated), overrides=overrides, **kwargs)
+
+    def with_overrides(self, overrides: Iterable[str]) -> Pipeline:
+        """Compose this pipeline's config again with more Hydra overrides."""
+        from .config import load
+
+        return load(
+            None,
+            overrides=[*self.overrides, *overrides],
+            config_dir=self.config_dir,
+            config_name=self.config_name,
+            pipeline=self.name,
+        )
+
+    # --- inspection ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def stages(self) -> Mapping[str, Stage]:
+        return self.spec.stages
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        """The resolved config as plain Python values."""
+        return self.spec.config
+
+    @property
+    def graph(self) -> Graph:
+        return self.validate()._graph  # type: ignore[return-value]
+
+    def validate(self) -> Pipeline:
+        """Check edges, cycles, targets and signatures; raise a ConfigError naming the fault."""
+        if self._graph is None:
+            from .targets import resolve_all
+
+            graph = check_edges(self.spec)
+            self._funcs = resolve_all(self.spec)
+            self._graph = graph
+        return self
+
+    def plan(self, targets: Iterable[str] | None = None) -> list[str]:
+        """The stages a run of `targets` executes, in topological order."""
+        graph = self.graph
+        order = graph.order()
+        if not targets:
+            return order
+        needed = graph.upstream(check_targets(self.spec, targets))
+        return [name for name in order if name in needed]
+
+    def to_delayed(self, targets: Iterable[str] | None = None) -> Any:
+        """The run as one `dask.delayed.Delayed` yielding a tuple of the planned outputs."""
+        from dask.delayed import Delayed
+
+        from .execute import GATHER_KEY, _gather
+
+        stages = self.plan(targets)
+        dsk = build_graph(self.spec, self._funcs or {}, stages)
+        dsk[GATHER_KEY] = (_gather, *stages)
+        return Delayed(GATHER_KEY, dsk)
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(
+        self,
+        targets: Iterable[str] | None = None,
+        executor: str | None = None,
+        *,
+        observers: Iterable[Observer] = (),
+        progress: bool | str = "auto",
+        raise_on_failure: bool = True,
+        client: Any = None,
+    ) -> RunResult:
+        """Run the stages `targets` need (all by default) and return their outputs.
+
+        Raises StageError for the first failed stage (its `.result` holds the partial
+        RunResult) unless `raise_on_failure=False`. Independent branches finish anyway.
+        """
+        stages = self.plan(targets)
+        settings = self.spec.section("executor")
+        scheduler = executor or settings.get("scheduler", "threads")
+        if scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"{where(self.name, key='executor')} '{scheduler}' is unknown; use one of "
+                f"{', '.join(SCHEDULERS)}"
+            )
+        board = StatusBoard()
+        extra = [*self._configured_observers(), *_progress_display(self, progress), *observers]
+        observer = Observers([board, *extra])
+        run = RunInfo(
+            pipeline=self,
+            stages=tuple(stages),
+            executor=scheduler,
+            run_id=uuid.uuid4().hex,
+            started=time.time(),
+            overrides=self.overrides,
+        )
+        observer.run_started(run)
+        now = time.perf_counter()
+        for name in stages:
+            observer.stage_changed(StageEvent(name, "pending", now))
+        dsk = build_graph(self.spec, self._funcs or {}, stages)
+        try:
+            outputs = compute(
+                dsk,
+                stages,
+                scheduler=scheduler,
+                num_workers=settings.get("num_workers"),
+                observer=observer,
+                client=client,
+            )
+        except BaseException as exc:
+            observer.run_interrupted(run, exc)
+            raise
+        result = self._result(run, outputs, board)
+        self.last_result = result
+        observer.run_finished(run, result)
+        if result.errors and raise_on_failure:
+            error = result.errors[result.failed[0]]
+            raise error
+        return result
+
+    def _result(self, run: RunInfo, outputs: Mapping[str, Any], board: StatusBoard) -> RunResult:
+        values, status, errors, reasons = {}, {}, {}, {}
+        for name, output in outputs.items():
+            if isinstance(output, Failed):
+                status[name] = "failed"
+                errors[name] = stage_error(self.name, output)
+            elif isinstance(output, Skipped):
+                status[name] = "skipped"
+                reasons[name] = f"upstream stage '{output.because}' failed"
+            else:
+                status[name] = board.state.get(name, "done")
+                if status[name] not in ("done", "cached"):
+                    status[name] = "done"
+                values[name] = output
+        result = RunResult(
+            self.name, values, status, board.duration, errors, run.run_id, reasons=reasons
+        )
+        for error in errors.values():
+            error.result = result
+        return result
+
+    def _configured_observers(self) -> list[Observer]:
+        """Observers the config asks for (tracking), imported only when enabled."""
+        tracking = self.spec.section("tracking")
+        if tracking and tracking.get("enabled", True) and tracking.get("backend", "off") != "off":
+            from .tracking import observer_from_config
+
+            return [observer_from_config(self, tracking)]
+        return []
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r}: {len(self.stages)} stages>"
+
+
+def stage_error(pipeline: str, failed: Failed) -> StageError:
+    """A StageError naming the stage and its original exception."""
+    if isinstance(failed.error, StageError):
+        return failed.error
+    tries = f" (after {failed.attempts} attempts)" if failed.attempts > 1 else ""
+    error = StageError(
+        f"{where(pipeline, failed.stage)} failed{tries}: "
+        f"{type(failed.error).__name__}: {failed.error}",
+        pipeline=pipeline,
+        stage=failed.stage,
+        cause=failed.error,
+        traceback=failed.traceback,
+    )
+    error.__cause__ = failed.error
+    return error
+
+
+def _progress_display(pipeline: Pipeline, progress: bool | str) -> list[Observer]:
+    if progress is False:
+        return []
+    from .progress import auto_display
+
+    display = auto_display(pipeline, force=progress is True)
+    return [display] if display is not None else []
+
+
+def _to_plain(cfg: Any) -> tuple[dict[str, Any], frozenset[str]]:
+    """Resolve a DictConfig once into plain Python, mapping OmegaConf errors to ConfigError."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(cfg, DictConfig):
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(cfg).__name__}")
+        cfg = OmegaConf.create(dict(cfg))
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        message = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"config{f' key {key!r}' if key else ''}: {message}; fix the value or pass "
+            f"it as an override, e.g. {key or 'key'}=..."
+        ) from exc
+    unknown = set(plain) - TOP_LEVEL_KEYS
+    interpolated = (
+        interpolated_keys(OmegaConf.to_container(cfg, resolve=False)) if unknown else frozenset()
+    )
+    return plain, interpolated  # type: ignore[return-value]

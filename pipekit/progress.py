@@ -1,0 +1,97 @@
+"""Progress displays for runs: pick the right one for where the code runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import IO, TYPE_CHECKING
+
+from .events import FINAL_STATES, Observer, RunInfo, StageEvent, StatusBoard
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .result import RunResult
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where rich displays render)."""
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    ip = shell.get_ipython()  # type: ignore[attr-defined]
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+def auto_display(pipeline: Pipeline, *, force: bool = False) -> Observer | None:
+    """Live DAG in Jupyter, a text bar in a terminal, nothing in a plain script."""
+    if in_notebook():
+        try:
+            from .widgets import LiveRun
+
+            return LiveRun(pipeline)
+        except ImportError:
+            pass
+    if force or (sys.stderr.isatty() and not os.environ.get("CI")):
+        return TextProgress(sys.stderr)
+    return None
+
+
+class TextProgress(Observer):
+    """One line per finished stage, plus a live bar on a terminal."""
+
+    def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.board = StatusBoard()
+        self._t0 = 0.0
+
+    def run_started(self, run: RunInfo) -> None:
+        self.board.run_started(run)
+        self._t0 = time.perf_counter()
+        self._write(f"pipekit: running {len(run.stages)} stages of '{run.pipeline.name}' "
+                    f"on {run.executor}\n")
+
+    def stage_changed(self, event: StageEvent) -> None:
+        self.board.stage_changed(event)
+        if event.state in FINAL_STATES:
+            total = len(self.board.state)
+            finished = sum(s in FINAL_STATES for s in self.board.state.values())
+            seconds = f" {event.duration:.2f}s" if event.duration is not None else ""
+            extra = f" ({event.reason})" if event.reason else ""
+            if event.state == "failed" and event.error is not None:
+                extra = f": {type(event.error).__name__}: {event.error}"
+            self._clear()
+            self._write(f"[{finished:>{len(str(total))}}/{total}] {event.stage} "
+                        f"{event.state}{seconds}{extra}\n")
+        if self.live:
+            self._bar()
+
+    def run_finished(self, run: RunInfo, result: RunResult) -> None:
+        self._clear()
+        counts = ", ".join(f"{n} {s}" for s, n in self.board.counts().items() if n)
+        self._write(f"pipekit: {counts} in {time.perf_counter() - self._t0:.2f}s\n")
+
+    def run_interrupted(self, run: RunInfo, error: BaseException) -> None:
+        self._clear()
+        self._write(f"pipekit: run interrupted ({type(error).__name__})\n")
+
+    def _bar(self) -> None:
+        counts = self.board.counts()
+        total = max(len(self.board.state), 1)
+        finished = sum(counts[s] for s in FINAL_STATES)
+        running = [n for n, s in self.board.state.items() if s == "running"]
+        width = 30
+        filled = int(width * finished / total)
+        names = ", ".join(running[:3]) + ("…" if len(running) > 3 else "")
+        self._write(f"\r[{'#' * filled}{'.' * (width - filled)}] {finished}/{total} {names}\x1b[K")
+
+    def _clear(self) -> None:
+        if self.live:
+            self._write("\r\x1b[K")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+

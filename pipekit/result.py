@@ -1,0 +1,90 @@
+"""The outcome of a pipeline run: stage outputs, states, timings and errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .errors import StageError, did_you_mean, where
+from .events import State
+
+
+class RunResult(Mapping[str, Any]):
+    """`result["stage"]` is a stage's output; `status`, `durations`, `errors` describe the run."""
+
+    def __init__(
+        self,
+        pipeline: str,
+        outputs: Mapping[str, Any],
+        status: Mapping[str, State],
+        durations: Mapping[str, float] | None = None,
+        errors: Mapping[str, StageError] | None = None,
+        run_id: str = "",
+        reasons: Mapping[str, str] | None = None,
+    ):
+        self.pipeline = pipeline
+        self.outputs = dict(outputs)
+        self.status: dict[str, State] = dict(status)
+        self.durations: dict[str, float] = dict(durations or {})
+        self.errors: dict[str, StageError] = dict(errors or {})
+        self.reasons: dict[str, str] = dict(reasons or {})
+        self.run_id = run_id
+
+    def __getitem__(self, stage: str) -> Any:
+        try:
+            return self.outputs[stage]
+        except KeyError:
+            pass
+        state = self.status.get(stage)
+        if state == "failed":
+            raise KeyError(f"{where(self.pipeline, stage)} failed: {self.errors[stage]}")
+        if state == "skipped":
+            reason = self.reasons.get(stage, "an upstream stage failed")
+            raise KeyError(f"{where(self.pipeline, stage)} was skipped: {reason}")
+        raise KeyError(
+            f"{where(self.pipeline, stage)} has no output in this run"
+            f"{did_you_mean(stage, self.status)}; stages with outputs: {', '.join(self.outputs)}"
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def ok(self) -> bool:
+        """True when no stage failed or was skipped."""
+        return not any(s in ("failed", "skipped") for s in self.status.values())
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, state in self.status.items() if state == "failed"]
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Numeric scalars of dict outputs, by stage: what tracking logs as metrics."""
+        from .metrics import numeric_items
+
+        found = {}
+        for name, output in self.outputs.items():
+            items = numeric_items(output)
+            if items:
+                found[name] = items
+        return found
+
+    def summary(self) -> str:
+        """A plain-text table: stage, state, seconds."""
+        width = max((len(s) for s in self.status), default=5)
+        lines = [f"{'stage':<{width}}  {'state':<8} {'seconds':>8}"]
+        for name, state in self.status.items():
+            seconds = self.durations.get(name)
+            shown = f"{seconds:8.3f}" if seconds is not None else " " * 8
+            lines.append(f"{name:<{width}}  {state:<8} {shown}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for state in self.status.values():
+            counts[state] = counts.get(state, 0) + 1
+        shown = ", ".join(f"{n} {s}" for s, n in counts.items())
+        return f"<RunResult pipeline={self.pipeline!r} {shown}>"

@@ -1,0 +1,238 @@
+"""Typed, immutable spec of a pipeline and its stages, parsed once from the composed config.
+
+Parsing checks shapes and names only (types, unknown keys, identifiers, duplicate
+arguments); the graph and the callables are checked in `graph.py` and `targets.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .errors import (
+    ConfigTypeError,
+    DuplicateArgumentError,
+    EmptyPipelineError,
+    StageNameError,
+    UnknownKeyError,
+    did_you_mean,
+    where,
+)
+
+#: Keys a stage may have, with a one-line meaning (used in errors and the docs).
+STAGE_KEYS = {
+    "_target_": "importable callable that computes the stage",
+    "params": "mapping of literal keyword arguments",
+    "inputs": "mapping argument -> 'stage' or 'stage.key' (the edges)",
+    "after": "list of stages that must finish first (order-only edges)",
+    "retries": "how many times to re-run a failing stage",
+    "model": "true when the output is a fitted model (logged and registered)",
+    "metrics": "keys of the dict output to log as metrics",
+    "cache": "false to always recompute this stage",
+    "watch": "files or globs whose content the stage depends on (cache key)",
+    "promote": "alias set on upstream model versions when this stage passes",
+    "description": "free text shown in drawings and docs",
+}
+
+#: Top-level keys of a composed config that pipekit reads or tolerates.
+TOP_LEVEL_KEYS = {
+    "name",
+    "description",
+    "stages",
+    "executor",
+    "tracking",
+    "cache",
+    "serve",
+    "vars",
+    "seed",
+    "hydra",
+}
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """An edge source: the output of `stage`, or `output[key]` when `key` is set."""
+
+    stage: str
+    key: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        stage, _, key = text.partition(".")
+        return cls(stage, key or None)
+
+    def __str__(self) -> str:
+        return f"{self.stage}.{self.key}" if self.key else self.stage
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One node of the pipeline: a callable, its literal params and its edges."""
+
+    name: str
+    target: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Mapping[str, Ref] = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+    retries: int = 0
+    model: bool = False
+    metrics: tuple[str, ...] = ()
+    cache: bool = True
+    watch: tuple[str, ...] = ()
+    promote: str | None = None
+    description: str = ""
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """Stages this one waits for, inputs first, without duplicates, in declared order."""
+        seen = dict.fromkeys(ref.stage for ref in self.inputs.values())
+        seen.update(dict.fromkeys(self.after))
+        return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSpec:
+    """A parsed pipeline: its name, stages in declaration order, and the plain config."""
+
+    name: str
+    stages: Mapping[str, Stage]
+    config: Mapping[str, Any]
+
+    def section(self, key: str) -> dict[str, Any]:
+        """A top-level config section (`executor`, `tracking`, `cache`, ...) or {}."""
+        value = self.config.get(key)
+        return dict(value) if isinstance(value, Mapping) else {}
+
+
+def parse_pipeline(config: Mapping[str, Any], *, interpolated: frozenset[str] = frozenset()) -> PipelineSpec:
+    """Parse a plain (already resolved) config mapping into a PipelineSpec.
+
+    `interpolated` names top-level keys used by `${...}` interpolations: they are user
+    variables, not typos.
+    """
+    name = config.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigTypeError(
+            "config: 'name' must be a non-empty string naming the pipeline; "
+            "select a pipeline with `pipeline=<name>` or set `name:` in your config"
+        )
+    for key in config:
+        if key not in TOP_LEVEL_KEYS and key not in interpolated:
+            raise UnknownKeyError(
+                f"{where(name)}: unknown top-level key '{key}'"
+                f"{did_you_mean(key, TOP_LEVEL_KEYS)}; known keys are "
+                f"{', '.join(sorted(TOP_LEVEL_KEYS))} (put your own variables under 'vars:')"
+            )
+    stages = config.get("stages")
+    if stages is None or (isinstance(stages, Mapping) and not stages):
+        raise EmptyPipelineError(
+            f"{where(name)}: no stages; declare them under 'stages:' as name: {{_target_: ...}}"
+        )
+    if not isinstance(stages, Mapping):
+        raise ConfigTypeError(
+            f"{where(name)}: 'stages' must be a mapping of stage name -> stage, "
+            f"got {type(stages).__name__}"
+        )
+    parsed = {str(k): _parse_stage(name, str(k), v) for k, v in stages.items()}
+    return PipelineSpec(name=name, stages=MappingProxyType(parsed), config=config)
+
+
+def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
+    if not _IDENTIFIER.match(name):
+        raise StageNameError(
+            f"{where(pipeline, name)}: stage names must be Python identifiers "
+            f"(letters, digits, '_'; not starting with a digit); rename it, e.g. "
+            f"'{re.sub(r'[^A-Za-z0-9_]', '_', name).lstrip('0123456789') or 'stage'}'"
+        )
+    if not isinstance(raw, Mapping):
+        raise ConfigTypeError(
+            f"{where(pipeline, name)}: must be a mapping with a '_target_', "
+            f"got {type(raw).__name__} {raw!r}"
+        )
+    for key in raw:
+        if key not in STAGE_KEYS:
+            raise UnknownKeyError(
+                f"{where(pipeline, name)}: unknown key '{key}'{did_you_mean(str(key), STAGE_KEYS)}; "
+                f"a stage may have {', '.join(STAGE_KEYS)}"
+            )
+    target = raw.get("_target_")
+    if not isinstance(target, str) or not target:
+        raise ConfigTypeError(
+            f"{where(pipeline, name)}: missing '_target_'; set it to the dotted path of "
+            f"the callable that computes the stage, e.g. _target_: mypkg.steps.train"
+        )
+
+    def typed(key: str, kind: type | tuple[type, ...], hint: str, default: Any) -> Any:
+        value = raw.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigTypeError(
+                f"{where(pipeline, name, key)} must be {hint}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    params = typed("params", Mapping, "a mapping of argument -> value", {})
+    raw_inputs = typed("inputs", Mapping, "a mapping of argument -> 'stage' or 'stage.key'", {})
+    after = typed("after", (list, tuple), "a list of stage names", [])
+    retries = typed("retries", int, "a non-negative integer", 0)
+    if retries < 0:
+        raise ConfigTypeError(f"{where(pipeline, name, 'retries')} must be >= 0, got {retries}")
+    metrics = typed("metrics", (list, tuple), "a list of output keys", [])
+    watch = typed("watch", (list, tuple), "a list of file paths or globs", [])
+
+    inputs: dict[str, Ref] = {}
+    for arg, source in raw_inputs.items():
+        if not isinstance(source, str) or not source:
+            raise ConfigTypeError(
+                f"{where(pipeline, name, f'input {arg!r}')} must be 'stage' or 'stage.key', "
+                f"got {type(source).__name__} {source!r}"
+            )
+        inputs[str(arg)] = Ref.parse(source)
+    for item, what in ((after, "after"), (metrics, "metrics"), (watch, "watch")):
+        for value in item:
+            if not isinstance(value, str):
+                raise ConfigTypeError(
+                    f"{where(pipeline, name, what)} items must be strings, got {value!r}"
+                )
+    both = sorted(set(inputs) & {str(k) for k in params})
+    if both:
+        raise DuplicateArgumentError(
+            f"{where(pipeline, name)}: argument '{both[0]}' is given both in 'inputs' and in "
+            f"'params'; keep one of them"
+        )
+    return Stage(
+        name=name,
+        target=target,
+        params=MappingProxyType({str(k): v for k, v in params.items()}),
+        inputs=MappingProxyType(inputs),
+        after=tuple(after),
+        retries=retries,
+        model=bool(typed("model", bool, "true or false", False)),
+        metrics=tuple(metrics),
+        cache=bool(typed("cache", bool, "true or false", True)),
+        watch=tuple(watch),
+        promote=typed("promote", str, "an alias name such as 'champion'", None),
+        description=typed("description", str, "a string", ""),
+    )
+
+
+def interpolated_keys(unresolved: Any) -> frozenset[str]:
+    """Top-level names referenced as `${name...}` anywhere in an unresolved container."""
+    found: set[str] = set()
+    stack = [unresolved]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, str) and "${" in item:
+            found.update(_INTERPOLATION.findall(item))
+    return frozenset(found)
