@@ -33,12 +33,12 @@ def compose(
     config_name: str = "config",
 ) -> Any:
     """Compose a config with Hydra's compose API; safe to call repeatedly in one kernel."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    import yaml
 
     primary = Path(config_dir).expanduser().resolve() if config_dir else conf_dir()
     if not primary.is_dir():
@@ -61,11 +61,11 @@ def describe_hydra_error(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     message = lines[0] if lines else type(exc).__name__
     text = str(exc)
-    if "Could not override" in text or "Key '" in text and "not in struct" in text:
+    if "Could not override" in text or ("Key '" in text and "not in struct" in text):
         hint = "check the key path (`pipekit run --cfg job` prints the config); prefix with + to add a new key"
     elif "Could not find" in text or "Cannot find primary config" in text:
-        options = [line for line in lines[1:] if line.startswith(("Available", "\t"))]
-        hint = " ".join(options) or "check the config group and option names"
+        options = [s.strip() for s in text.splitlines() if s.startswith("\t") and "=" not in s]
+        hint = f"available: {', '.join(options)}" if options else "check the group and option names"
     elif "mismatched input" in text or "no viable alternative" in text or "extraneous" in text:
         hint = "overrides look like key=value, +key=value, ~key or group=option"
     else:

@@ -204,6 +204,8 @@ def compute(
     kwargs: dict[str, Any] = {"scheduler": scheduler, "optimize_graph": False}
     if num_workers and scheduler in ("threads", "processes"):
         kwargs["num_workers"] = num_workers
+    if scheduler == "processes":
+        kwargs["chunksize"] = 1  # Dask batches 6 tasks per process by default: no parallel stages
     if scheduler == "distributed":
         if client is None:
             raise StageError("the 'distributed' executor needs a dask.distributed Client")

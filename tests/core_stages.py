@@ -1,0 +1,58 @@
+"""Stage functions for the core tests (importable by worker processes via PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+NOT_CALLABLE = 42
+
+
+def const(value=1):
+    return value
+
+
+def add(a, b=0):
+    return a + b
+
+
+def split(value, parts=2):
+    return {"head": value // parts, "tail": value - value // parts}
+
+
+def needs_two(x, y):
+    return x + y
+
+
+def positional_only(x, /):
+    return x
+
+
+def kwargs_ok(**kwargs):
+    return sorted(kwargs)
+
+
+def boom(x=None, message="boom"):
+    raise ValueError(message)
+
+
+def flaky(counter: str, fail_times: int = 1):
+    """Fails `fail_times` times, counting attempts in the file `counter`."""
+    path = Path(counter)
+    attempts = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(attempts + 1))
+    if attempts < fail_times:
+        raise RuntimeError(f"attempt {attempts + 1} failed")
+    return attempts + 1
+
+
+def rendezvous(directory: str, me: str, other: str, timeout: float = 20.0):
+    """Returns only if stage `other` runs at the same time (files as a cross-process barrier)."""
+    Path(directory, me).write_text(str(os.getpid()))
+    deadline = time.monotonic() + timeout
+    while not Path(directory, other).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{me} never saw {other} running at the same time")
+        time.sleep(0.01)
+    return os.getpid()
