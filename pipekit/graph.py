@@ -43,7 +43,7 @@ class Graph:
             while iters:
                 for dep in iters[-1]:
                     if dep in on_path:  # back edge: path[on_path[dep]:] is the cycle
-                        cycle = path[on_path[dep] :] + [dep]
+                        cycle = [*path[on_path[dep] :], dep]
                         cycle.reverse()  # report in execution order: dep -> ... -> dep
                         return cycle
                     if dep not in done:

@@ -49,8 +49,10 @@ class TextProgress(Observer):
     def run_started(self, run: RunInfo) -> None:
         self.board.run_started(run)
         self._t0 = time.perf_counter()
-        self._write(f"pipekit: running {len(run.stages)} stages of '{run.pipeline.name}' "
-                    f"on {run.executor}\n")
+        self._write(
+            f"pipekit: running {len(run.stages)} stages of '{run.pipeline.name}' "
+            f"on {run.executor}\n"
+        )
 
     def stage_changed(self, event: StageEvent) -> None:
         self.board.stage_changed(event)
@@ -62,8 +64,10 @@ class TextProgress(Observer):
             if event.state == "failed" and event.error is not None:
                 extra = f": {type(event.error).__name__}: {event.error}"
             self._clear()
-            self._write(f"[{finished:>{len(str(total))}}/{total}] {event.stage} "
-                        f"{event.state}{seconds}{extra}\n")
+            self._write(
+                f"[{finished:>{len(str(total))}}/{total}] {event.stage} "
+                f"{event.state}{seconds}{extra}\n"
+            )
         if self.live:
             self._bar()
 
@@ -93,5 +97,3 @@ class TextProgress(Observer):
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()
-
-

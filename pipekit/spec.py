@@ -110,7 +110,9 @@ class PipelineSpec:
         return dict(value) if isinstance(value, Mapping) else {}
 
 
-def parse_pipeline(config: Mapping[str, Any], *, interpolated: frozenset[str] = frozenset()) -> PipelineSpec:
+def parse_pipeline(
+    config: Mapping[str, Any], *, interpolated: frozenset[str] = frozenset()
+) -> PipelineSpec:
     """Parse a plain (already resolved) config mapping into a PipelineSpec.
 
     `interpolated` names top-level keys used by `${...}` interpolations: they are user

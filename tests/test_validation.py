@@ -3,6 +3,7 @@ the CLI reports each as one line on stderr and exits 2."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -157,7 +158,7 @@ def test_cycle_carries_its_path():
     cycle = info.value.cycle
     assert cycle[0] == cycle[-1] and sorted(cycle[:-1]) == ["a", "b", "c"]
     # each step feeds the next: a -> b means b takes a as input
-    for upstream, downstream in zip(cycle, cycle[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(cycle):
         assert stages[downstream]["inputs"]["a"] == upstream
     assert " -> ".join(cycle) in str(info.value)
 
@@ -190,7 +191,7 @@ def test_interpolated_top_level_variables_are_not_typos(user_conf):
 
 
 def test_missing_interpolation_names_the_key():
-    with pytest.raises(errors.ConfigError, match="stages.a.params.value"):
+    with pytest.raises(errors.ConfigError, match=r"stages\.a\.params\.value"):
         make({"a": {"_target_": "const", "params": {"value": "${nope}"}}})
 
 
@@ -216,7 +217,7 @@ CLI_CASES = [
 
 
 def _write_case(user_conf, case):
-    stages, top, _, fragments = CASES[case]
+    stages, top, _, _ = CASES[case]
     fixed = {
         name: (
             {**body, "_target_": f"core_stages.{body['_target_']}"}

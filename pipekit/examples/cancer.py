@@ -22,7 +22,9 @@ def collect(source: str, sources: int = 2) -> pd.DataFrame:
     frame = data.frame.rename(columns={"target": TARGET})
     index = ord(source[-1].lower()) - ord("a")
     if not 0 <= index < sources:
-        raise ValueError(f"source must end in one of a..{chr(ord('a') + sources - 1)}, got {source!r}")
+        raise ValueError(
+            f"source must end in one of a..{chr(ord('a') + sources - 1)}, got {source!r}"
+        )
     return frame.iloc[index::sources].reset_index(drop=True)
 
 
@@ -43,7 +45,9 @@ def validate(frame: pd.DataFrame, min_rows: int = 100, max_missing: float = 0.0)
         raise ValidationError(f"{len(frame)} rows, need at least {min_rows}")
     missing = float(frame.isna().mean().max())
     if missing > max_missing:
-        raise ValidationError(f"{missing:.1%} missing values in a column, allowed {max_missing:.1%}")
+        raise ValidationError(
+            f"{missing:.1%} missing values in a column, allowed {max_missing:.1%}"
+        )
     return frame
 
 
