@@ -149,29 +149,36 @@ def build_graph(
     return dsk
 
 
-class _EventCallback:
-    """Dask local-scheduler callbacks translated into stage events for one observer."""
+class StageTimer:
+    """Times stages from Dask's scheduler callbacks and turns them into stage events.
 
-    def __init__(self, observer: Observer, stages: Mapping[str, Any]):
-        self.observer, self.stages = observer, stages
+    Events are built only when someone listens: with no observer the callbacks just
+    record two timestamps per stage.
+    """
+
+    def __init__(self, stages: Mapping[str, Any], observer: Observer | None = None):
+        self.stages = stages
+        self.observer = observer or None
         self.started: dict[str, float] = {}
-        self.outcome: dict[str, Any] = {}
+        self.durations: dict[str, float] = {}
 
-    def callback(self):
+    def callback(self) -> tuple:
         from dask.callbacks import Callback
 
         return Callback(pretask=self._pretask, posttask=self._posttask)._callback
 
     def _pretask(self, key: Any, dsk: Any, state: Any) -> None:
         if key in self.stages:
-            now = time.perf_counter()
-            self.started[key] = now
-            self.observer.stage_changed(StageEvent(key, "running", now))
+            now = self.started[key] = time.perf_counter()
+            if self.observer is not None:
+                self.observer.stage_changed(StageEvent(key, "running", now))
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
         if key in self.stages:
             now = time.perf_counter()
-            self.observer.stage_changed(outcome_event(key, result, now, now - self.started[key]))
+            duration = self.durations[key] = now - self.started[key]
+            if self.observer is not None:
+                self.observer.stage_changed(outcome_event(key, result, now, duration))
 
 
 def outcome_event(stage: str, output: Any, at: float, duration: float | None) -> StageEvent:
@@ -185,32 +192,50 @@ def outcome_event(stage: str, output: Any, at: float, duration: float | None) ->
     return StageEvent(stage, "done", at, duration, output=output)
 
 
+def scheduler_get(scheduler: str) -> Callable[..., Any]:
+    """The `get` function of a local Dask scheduler."""
+    if scheduler == "sync":
+        from dask.local import get_sync
+
+        return get_sync
+    if scheduler == "threads":
+        from dask.threaded import get
+
+        return get
+    if scheduler == "processes":
+        from dask.multiprocessing import get
+
+        return get
+    raise ValueError(f"unknown local scheduler {scheduler!r}; use one of {SCHEDULERS[:3]}")
+
+
 def compute(
     dsk: dict[str, Any],
     keys: list[str],
     *,
     scheduler: str = "threads",
     num_workers: int | None = None,
-    observer: Observer | None = None,
+    timer: StageTimer | None = None,
     client: Any = None,
 ) -> dict[str, Any]:
-    """Compute `keys` of `dsk` on a local Dask scheduler (or a distributed client)."""
-    import dask
-    from dask.delayed import Delayed
+    """Compute `keys` of `dsk` on a local Dask scheduler (or a distributed client).
 
+    The graph goes straight to the scheduler's `get`: `dask.compute` on a Delayed would
+    convert and order the whole graph a second time (measured: 2x slower at 10k stages).
+    """
     graph = dict(dsk)
     graph[GATHER_KEY] = (_gather, *keys)
-    delayed = Delayed(GATHER_KEY, graph)
-    kwargs: dict[str, Any] = {"scheduler": scheduler, "optimize_graph": False}
+    if scheduler == "distributed":
+        if client is None:
+            raise StageError("the 'distributed' executor needs a dask.distributed Client")
+        outputs = client.get(graph, GATHER_KEY)
+        return dict(zip(keys, outputs, strict=True))
+    kwargs: dict[str, Any] = {}
     if num_workers and scheduler in ("threads", "processes"):
         kwargs["num_workers"] = num_workers
     if scheduler == "processes":
         kwargs["chunksize"] = 1  # Dask batches 6 tasks per process by default: no parallel stages
-    if scheduler == "distributed":
-        if client is None:
-            raise StageError("the 'distributed' executor needs a dask.distributed Client")
-        kwargs["scheduler"] = client.get
-    elif observer is not None:
-        kwargs["callbacks"] = [_EventCallback(observer, dsk).callback()]
-    (outputs,) = dask.compute(delayed, **kwargs)
+    if timer is not None:
+        kwargs["callbacks"] = [timer.callback()]
+    outputs = scheduler_get(scheduler)(graph, GATHER_KEY, **kwargs)
     return dict(zip(keys, outputs, strict=True))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, StageError, where
-from .events import Observer, Observers, RunInfo, StageEvent, StatusBoard
-from .execute import SCHEDULERS, Failed, Skipped, build_graph, compute
+from .events import Observer, Observers, RunInfo, StageEvent
+from .execute import SCHEDULERS, Failed, Skipped, StageTimer, build_graph, compute
 from .graph import Graph, check_edges, check_targets
 from .result import RunResult
 from .spec import TOP_LEVEL_KEYS, PipelineSpec, Stage, interpolated_keys, parse_pipeline
@@ -43,8 +45,10 @@ class Pipeline:
 
         The config is resolved and converted to plain Python exactly once.
         """
-        plain, interpolated = _to_plain(cfg)
-        return cls(parse_pipeline(plain, interpolated=interpolated), overrides=overrides, **kwargs)
+        with bulk_allocation():
+            plain, interpolated = _to_plain(cfg)
+            spec = parse_pipeline(plain, interpolated=interpolated)
+        return cls(spec, overrides=overrides, **kwargs)
 
     def with_overrides(self, overrides: Iterable[str]) -> Pipeline:
         """Compose this pipeline's config again with more Hydra overrides."""
@@ -82,8 +86,10 @@ class Pipeline:
         if self._graph is None:
             from .targets import resolve_all
 
-            graph = check_edges(self.spec)
-            self._funcs = resolve_all(self.spec)
+            with bulk_allocation():
+                graph = check_edges(self.spec)
+                graph.order()
+                self._funcs = resolve_all(self.spec)
             self._graph = graph
         return self
 
@@ -132,9 +138,9 @@ class Pipeline:
                 f"{where(self.name, key='executor')} '{scheduler}' is unknown; use one of "
                 f"{', '.join(SCHEDULERS)}"
             )
-        board = StatusBoard()
-        extra = [*self._configured_observers(), *_progress_display(self, progress), *observers]
-        observer = Observers([board, *extra])
+        observer = Observers(
+            [*self._configured_observers(), *_progress_display(self, progress), *observers]
+        )
         run = RunInfo(
             pipeline=self,
             stages=tuple(stages),
@@ -144,23 +150,26 @@ class Pipeline:
             overrides=self.overrides,
         )
         observer.run_started(run)
-        now = time.perf_counter()
-        for name in stages:
-            observer.stage_changed(StageEvent(name, "pending", now))
-        dsk = build_graph(self.spec, self._funcs or {}, stages)
+        if observer:
+            now = time.perf_counter()
+            for name in stages:
+                observer.stage_changed(StageEvent(name, "pending", now))
+        with bulk_allocation():
+            dsk = build_graph(self.spec, self._funcs or {}, stages)
+        timer = StageTimer(dsk, observer)
         try:
             outputs = compute(
                 dsk,
                 stages,
                 scheduler=scheduler,
                 num_workers=settings.get("num_workers"),
-                observer=observer,
+                timer=timer,
                 client=client,
             )
         except BaseException as exc:
             observer.run_interrupted(run, exc)
             raise
-        result = self._result(run, outputs, board)
+        result = self._result(run, outputs, timer.durations)
         self.last_result = result
         observer.run_finished(run, result)
         if result.errors and raise_on_failure:
@@ -168,7 +177,9 @@ class Pipeline:
             raise error
         return result
 
-    def _result(self, run: RunInfo, outputs: Mapping[str, Any], board: StatusBoard) -> RunResult:
+    def _result(
+        self, run: RunInfo, outputs: Mapping[str, Any], durations: Mapping[str, float]
+    ) -> RunResult:
         values, status, errors, reasons = {}, {}, {}, {}
         for name, output in outputs.items():
             if isinstance(output, Failed):
@@ -178,12 +189,10 @@ class Pipeline:
                 status[name] = "skipped"
                 reasons[name] = f"upstream stage '{output.because}' failed"
             else:
-                status[name] = board.state.get(name, "done")
-                if status[name] not in ("done", "cached"):
-                    status[name] = "done"
+                status[name] = "done"
                 values[name] = output
         result = RunResult(
-            self.name, values, status, board.duration, errors, run.run_id, reasons=reasons
+            self.name, values, status, durations, errors, run.run_id, reasons=reasons
         )
         for error in errors.values():
             error.result = result
@@ -226,6 +235,21 @@ def _progress_display(pipeline: Pipeline, progress: bool | str) -> list[Observer
 
     display = auto_display(pipeline, force=progress is True)
     return [display] if display is not None else []
+
+
+@contextmanager
+def bulk_allocation() -> Iterator[None]:
+    """Pause the cyclic GC while building many small acyclic objects (specs, task graphs).
+
+    Its collections rescan every live object: measured 30-40% of parse time at 100k stages.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _to_plain(cfg: Any) -> tuple[dict[str, Any], frozenset[str]]:
