@@ -6,11 +6,16 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test lint format bench clean
 
+# Debian packages: graphviz (the `dot` binary) and, for the browser test, chromium.
+SYSTEM_PACKAGES := $(if $(shell command -v dot),,graphviz) $(if $(shell command -v chromium),,chromium)
+SUDO := $(if $(shell command -v sudo 2>/dev/null),sudo,)
+
 setup: $(STAMP)
-	@command -v dot >/dev/null 2>&1 || { \
-	  echo "installing Debian's graphviz (the 'dot' binary)"; \
-	  $(if $(shell command -v sudo 2>/dev/null),sudo,) apt-get update -qq && \
-	  $(if $(shell command -v sudo 2>/dev/null),sudo,) apt-get install -y -qq graphviz >/dev/null; }
+	@if [ -n "$(strip $(SYSTEM_PACKAGES))" ]; then \
+	  echo "installing Debian packages: $(strip $(SYSTEM_PACKAGES))"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
