@@ -78,19 +78,37 @@ def load(
     overrides: Sequence[str] = (),
     config_dir: str | Path | None = None,
     config_name: str = "config",
-    *,
-    pipeline: str | None = None,
 ) -> Pipeline:
     """Compose `pipeline=<name>` plus overrides and return the Pipeline (not yet run)."""
     from .pipeline import Pipeline
 
-    name = name or pipeline
     extra = [f"pipeline={name}"] if name and not _selects_pipeline(overrides) else []
     cfg = compose([*extra, *overrides], config_dir=config_dir, config_name=config_name)
     return Pipeline.from_config(
-        cfg, overrides=[*extra, *overrides], config_dir=config_dir, config_name=config_name
+        cfg,
+        overrides=[*extra, *overrides],
+        config_dir=config_dir,
+        config_name=config_name,
+        composed=True,
     )
 
 
 def _selects_pipeline(overrides: Sequence[str]) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+~") == "pipeline" for o in overrides)
+    return any(override_key(o) == "pipeline" for o in overrides)
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: `+a.b=1` -> `a.b`, `~a` -> `a`, `hydra/launcher=x` -> ..."""
+    return override.split("=", 1)[0].lstrip("+~").strip()
+
+
+def merge_overrides(old: Sequence[str], new: Sequence[str]) -> list[str]:
+    """`old` then `new`, where a later override of the same key replaces the earlier one.
+
+    Hydra rejects two overrides of one key, so re-running with a changed value must replace.
+    """
+    merged = {override_key(o): o for o in old}
+    for override in new:
+        merged.pop(override_key(override), None)
+        merged[override_key(override)] = override
+    return list(merged.values())

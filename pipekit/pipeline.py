@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, StageError, where
+from .errors import ConfigError, OverrideError, StageError, where
 from .events import Observer, Observers, RunInfo, StageEvent
 from .execute import SCHEDULERS, Failed, Skipped, StageTimer, build_graph, compute
 from .graph import Graph, check_edges, check_targets
@@ -28,8 +28,10 @@ class Pipeline:
         overrides: Sequence[str] = (),
         config_dir: str | Path | None = None,
         config_name: str = "config",
+        composed: bool = False,
     ):
         self.spec = spec
+        self.composed = composed  # made by Hydra composition (pk.load / the CLI)
         self.overrides = tuple(overrides)
         self.config_dir = config_dir
         self.config_name = config_name
@@ -51,16 +53,19 @@ class Pipeline:
         return cls(spec, overrides=overrides, **kwargs)
 
     def with_overrides(self, overrides: Iterable[str]) -> Pipeline:
-        """Compose this pipeline's config again with more Hydra overrides."""
-        from .config import load
+        """The same pipeline with more overrides; a key set again replaces its old value.
 
-        return load(
-            None,
-            overrides=[*self.overrides, *overrides],
-            config_dir=self.config_dir,
-            config_name=self.config_name,
-            pipeline=self.name,
-        )
+        Pipelines from `pk.load` are composed again by Hydra (so group swaps work);
+        others get `key=value` overrides applied to their config.
+        """
+        from .config import load, merge_overrides
+
+        merged = merge_overrides(self.overrides, list(overrides))
+        if self.composed:
+            return load(
+                None, overrides=merged, config_dir=self.config_dir, config_name=self.config_name
+            )
+        return _apply_overrides(self.spec.config, merged)
 
     # --- inspection ---------------------------------------------------------------------
 
@@ -250,6 +255,31 @@ def bulk_allocation() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def _apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> Pipeline:
+    """Apply `key=value` / `~key` overrides to a plain config (pipelines not made by Hydra)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = OmegaConf.create(dict(config))
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as exc:
+        from .config import describe_hydra_error
+
+        raise OverrideError(describe_hydra_error(exc)) from exc
+    with open_dict(cfg):
+        for override in parsed:
+            key = override.key_or_group
+            if override.is_delete():
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                if node is not None and leaf in node:
+                    del node[leaf]
+            else:
+                OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
+    return Pipeline.from_config(cfg, overrides=overrides)
 
 
 def _to_plain(cfg: Any) -> tuple[dict[str, Any], frozenset[str]]:

@@ -265,6 +265,21 @@ def test_load_is_repeatable_and_overrides_apply():
     assert second.stages["train"].params["C"] == 1.0
     third = second.with_overrides(["stages.train.params.C=2"])
     assert third.stages["train"].params["C"] == 2 and third.name == "cancer"
+    fourth = third.with_overrides(["stages.train.params.C=3", "executor=sync"])
+    assert fourth.stages["train"].params["C"] == 3
+    assert fourth.spec.section("executor")["scheduler"] == "sync"
+    assert fourth.overrides.count("stages.train.params.C=3") == 1
+    assert "stages.train.params.C=2" not in fourth.overrides
+
+
+def test_with_overrides_on_a_pipeline_not_made_by_hydra():
+    p = make({"a": {"_target_": "const", "params": {"value": 1}}, "b": {"_target_": "const"}})
+    q = p.with_overrides(["stages.a.params.value=5", "~stages.b", "+vars.x=1"])
+    assert q.stages["a"].params["value"] == 5 and list(q.stages) == ["a"]
+    assert q.run(executor="sync", progress=False)["a"] == 5
+    assert p.stages["a"].params["value"] == 1  # the original is untouched
+    with pytest.raises(pk.ConfigError, match="overrides look like"):
+        p.with_overrides(["stages.a.params.value=["])
 
 
 def test_user_config_dir_keeps_pipekit_groups(user_conf):
