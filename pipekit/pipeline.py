@@ -37,6 +37,7 @@ class Pipeline:
         self.config_name = config_name
         self._graph: Graph | None = None
         self._funcs: dict[str, Callable[..., Any]] | None = None
+        self._tasks: dict[str, tuple] | None = None
         self.last_result: RunResult | None = None
 
     # --- construction -------------------------------------------------------------------
@@ -107,6 +108,16 @@ class Pipeline:
         needed = graph.upstream(check_targets(self.spec, targets))
         return [name for name in order if name in needed]
 
+    def tasks(self, stages: Sequence[str] | None = None) -> dict[str, tuple]:
+        """Dask tasks of `stages` (all by default), compiled once per pipeline and reused."""
+        if self._tasks is None:
+            order = self.graph.order()
+            with bulk_allocation():
+                self._tasks = build_graph(self.spec, self._funcs or {}, order)
+        if stages is None or len(stages) == len(self._tasks):
+            return dict(self._tasks)
+        return {name: self._tasks[name] for name in stages}
+
     def to_delayed(self, targets: Iterable[str] | None = None) -> Any:
         """The run as one `dask.delayed.Delayed` yielding a tuple of the planned outputs."""
         from dask.delayed import Delayed
@@ -114,7 +125,7 @@ class Pipeline:
         from .execute import GATHER_KEY, _gather
 
         stages = self.plan(targets)
-        dsk = build_graph(self.spec, self._funcs or {}, stages)
+        dsk = self.tasks(stages)
         dsk[GATHER_KEY] = (_gather, *stages)
         return Delayed(GATHER_KEY, dsk)
 
@@ -159,8 +170,7 @@ class Pipeline:
             now = time.perf_counter()
             for name in stages:
                 observer.stage_changed(StageEvent(name, "pending", now))
-        with bulk_allocation():
-            dsk = build_graph(self.spec, self._funcs or {}, stages)
+        dsk = self.tasks(stages)
         timer = StageTimer(dsk, observer)
         try:
             outputs = compute(
