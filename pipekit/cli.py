@@ -128,6 +128,29 @@ def describe(pipeline: Pipeline) -> str:
     return "\n".join(lines)
 
 
+@command("lineage", "the upstream model versions and runs behind a model version", hydra=False)
+def _lineage(args: argparse.Namespace) -> int:
+    import json
+
+    from .provenance import lineage
+
+    found = lineage(args.model, args.version, uri=args.uri)
+    print(json.dumps(found.to_dict(), indent=2) if args.json else found)
+    if args.svg:
+        with open(args.svg, "wb") as out:
+            out.write(found.svg())
+    return EXIT_OK
+
+
+@option("lineage")
+def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="registered model <pipeline>.<stage> (or model@alias)")
+    parser.add_argument("version", nargs="?", help="version number or alias (default: latest)")
+    parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--json", action="store_true", help="print the lineage as JSON")
+    parser.add_argument("--svg", metavar="FILE", help="also draw it into FILE (graphviz)")
+
+
 # --- plumbing ----------------------------------------------------------------------------
 
 
@@ -160,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\nHydra options and overrides follow the command (see below).\n")
     else:
         args, hydra_args = parser.parse_args(rest), []
-    verbose = args.verbose or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    verbose = args.verbose = args.verbose or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         if cmd.hydra:
             return _run_hydra(cmd, args, hydra_args)
@@ -195,7 +218,7 @@ def _run_hydra(cmd: Command, args: argparse.Namespace, hydra_args: list[str]) ->
     try:
         app()
     except (HydraException, OmegaConfBaseException) as exc:
-        if args.verbose or saved_env == "1":
+        if args.verbose:
             raise
         _error(describe_hydra_error(exc))
         return EXIT_USAGE
@@ -224,7 +247,7 @@ def _job(cmd: Command, args: argparse.Namespace, cfg: Any) -> int:
         pipeline = Pipeline.from_config(cfg, overrides=overrides)
         return cmd.handler(pipeline, args)
     except PipekitError as exc:
-        if args.verbose or os.environ.get("PIPEKIT_VERBOSE") == "1":
+        if args.verbose:
             raise
         _error(str(exc))
         return getattr(exc, "exit_code", EXIT_USAGE)

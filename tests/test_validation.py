@@ -300,3 +300,25 @@ def test_cli_bad_override_is_one_line_exit_2(override, fragment, cli_env, tmp_pa
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_cli_hydra_full_error_shows_traceback(user_conf, cli_env, tmp_path):
+    conf = _write_case(user_conf, "unknown_input")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipekit.cli",
+            "validate",
+            "-cd",
+            str(conf),
+            "pipeline=unknown_input",
+        ],
+        capture_output=True,
+        text=True,
+        env={**cli_env, "HYDRA_FULL_ERROR": "1"},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "UnknownStageError" in proc.stderr
