@@ -139,7 +139,6 @@ class Pipeline:
         observers: Iterable[Observer] = (),
         progress: bool | str = "auto",
         raise_on_failure: bool = True,
-        client: Any = None,
     ) -> RunResult:
         """Run the stages `targets` need (all by default) and return their outputs.
 
@@ -179,7 +178,6 @@ class Pipeline:
                 scheduler=scheduler,
                 num_workers=settings.get("num_workers"),
                 timer=timer,
-                client=client,
             )
         except BaseException as exc:
             observer.run_interrupted(run, exc)
