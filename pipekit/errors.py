@@ -101,6 +101,10 @@ class OverrideError(ConfigError):
     """A Hydra override or config composition failed."""
 
 
+class TrackingConfigError(ConfigError):
+    """The `tracking` section is invalid (unknown backend or key, a URI that cannot work)."""
+
+
 # --- run-time errors (CLI exit code 1) --------------------------------------------------
 
 
@@ -128,3 +132,15 @@ class StageError(PipekitError):
 
 class OutputKeyError(StageError):
     """`inputs: {arg: upstream.key}` where upstream's output is not a mapping or lacks key."""
+
+
+class TrackingError(PipekitError):
+    """An MLflow lookup failed: unknown registered model, version or alias (exit code 1)."""
+
+    exit_code = 1
+
+
+class GraphvizNotFoundError(PipekitError):
+    """Drawing needs Graphviz's `dot` binary (or the `graphviz` Python package) and it is missing."""
+
+    exit_code = 1

@@ -217,7 +217,8 @@ class Pipeline:
         if tracking and tracking.get("enabled", True) and tracking.get("backend", "off") != "off":
             from .tracking import observer_from_config
 
-            return [observer_from_config(self, tracking)]
+            observer = observer_from_config(self, tracking)
+            return [observer] if observer is not None else []
         return []
 
     def __repr__(self) -> str:

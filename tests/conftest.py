@@ -60,3 +60,9 @@ def cli_env(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     env.pop("HYDRA_FULL_ERROR", None)
     return env
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Runs write mlflow.db, .pipekit/ and outputs/ into the working directory: use tmp_path."""
+    monkeypatch.chdir(tmp_path)
