@@ -68,6 +68,9 @@ def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
     from .progress import TextProgress
 
     targets = _split(args.targets)
+    if getattr(args, "explain", False):
+        print(pipeline.explain(targets or None, force=_run_options(args).get("force")))
+        return EXIT_OK
     result = pipeline.run(
         targets=targets or None,
         observers=[] if args.quiet else [TextProgress(sys.stderr)],
@@ -100,6 +103,120 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(getattr(args, "run_options", {}) or {})
 
 
+# --- the stage cache: --force, --explain, `explain`, `cache ls|prune|clear` ----------------
+
+
+class _Force(argparse.Action):
+    """`--force` (every stage), `--force train,evaluate` or `--force=train`.
+
+    A Hydra override right after a bare `--force` (`--force stages.x=1`) is handed back
+    to Hydra instead of being read as stage names.
+    """
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option: Any = None) -> None:
+        force: bool | list[str] = True
+        if isinstance(value, str):
+            if "=" in value or value[:1] in "+~" or "/" in value:
+                namespace.hydra_extra = [*getattr(namespace, "hydra_extra", []), value]
+            else:
+                force = _split(value)
+        options = dict(getattr(namespace, "run_options", None) or {})
+        options["force"] = force
+        namespace.run_options = options
+
+
+def _cache_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        nargs="?",
+        const=True,
+        action=_Force,
+        metavar="STAGES",
+        help="recompute these comma-separated stages (and what depends on them); all if none",
+    )
+
+
+@option("run")
+def _run_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    _cache_flags(parser)
+    parser.add_argument(
+        "--explain", action="store_true", help="print what would run and why; run nothing"
+    )
+
+
+@command("explain", "what a run would compute or take from the cache, and why")
+def _explain(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    targets = _split(args.targets)
+    print(pipeline.explain(targets or None, force=_run_options(args).get("force")))
+    return EXIT_OK
+
+
+@option("explain")
+def _explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-t", "--targets", help="comma-separated stages (with their upstream)")
+    _cache_flags(parser)
+
+
+@command("cache", "list, prune or clear the stage cache (cache ls|prune|clear)", hydra=False)
+def _cache(args: argparse.Namespace) -> int:
+    from .cache import CacheStore, cache_listing, human_size, open_store, parse_duration, parse_size
+
+    if args.url:
+        store = open_store({"backend": "fsspec", "url": args.url})
+    else:
+        store = open_store({"backend": "local", "path": args.path})
+    assert isinstance(store, CacheStore)
+    if args.action == "ls":
+        print(cache_listing(store))
+        return EXIT_OK
+    if args.action == "prune":
+        try:
+            older = parse_duration(args.older_than) if args.older_than else None
+            size = parse_size(args.max_size) if args.max_size else None
+        except ValueError as exc:
+            _error(str(exc))
+            return EXIT_USAGE
+        removed, freed = store.prune(older, size)
+        left = store.entries()
+        print(
+            f"cache {store.display}: removed {removed} entries ({human_size(freed)}); "
+            f"{len(left)} left ({human_size(sum(int(e.get('size') or 0) for e in left))})"
+        )
+        return EXIT_OK
+    count = len(store.keys())
+    if not args.yes:
+        if not sys.stdin.isatty():
+            _error(
+                f"this removes all {count} entries of cache {store.display}; pass --yes to confirm"
+            )
+            return EXIT_USAGE
+        answer = input(f"remove all {count} entries of cache {store.display}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return EXIT_OK
+    store.clear()
+    print(f"cache {store.display}: removed {count} entries")
+    return EXIT_OK
+
+
+@option("cache")
+def _cache_arguments(parser: argparse.ArgumentParser) -> None:
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--path", default=".pipekit/cache", help="cache directory (default: .pipekit/cache)"
+    )
+    where.add_argument("--url", help="an fsspec URL instead of --path, e.g. s3://bucket/cache")
+    actions = parser.add_subparsers(dest="action", metavar="{ls,prune,clear}", required=True)
+    actions.add_parser("ls", parents=[where], help="list entries: stage, key, size, age")
+    prune = actions.add_parser("prune", parents=[where], help="remove old entries")
+    prune.add_argument("--older-than", metavar="AGE", help="e.g. 7d, 12h, 30m")
+    prune.add_argument(
+        "--max-size", metavar="SIZE", help="remove the oldest until at most SIZE, e.g. 1GB"
+    )
+    clear = actions.add_parser("clear", parents=[where], help="remove every entry")
+    clear.add_argument("-y", "--yes", action="store_true", help="do not ask")
+
+
 @command("validate", "check the config, edges, targets and signatures without running")
 def _validate(pipeline: Pipeline, args: argparse.Namespace) -> int:
     pipeline.validate()
@@ -107,10 +224,38 @@ def _validate(pipeline: Pipeline, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@command("show", "print the pipeline's DAG")
+@command("show", "print the pipeline's DAG (text, or drawn: --format dot|svg|png)")
 def _show(pipeline: Pipeline, args: argparse.Namespace) -> int:
-    print(describe(pipeline.validate()))
+    fmt = getattr(args, "format", "text")
+    output = getattr(args, "output", None)
+    if fmt == "text":
+        data: str | bytes = describe(pipeline.validate()) + "\n"
+    else:
+        from .viz import render
+
+        data = render(pipeline.validate(), format=fmt)
+    if output and output != "-":
+        with open(output, "wb") as out:
+            out.write(data.encode() if isinstance(data, str) else data)
+        return EXIT_OK
+    if isinstance(data, bytes) and sys.stdout.isatty():
+        _error(f"refusing to write {fmt} bytes to a terminal; use -o FILE or redirect stdout")
+        return EXIT_USAGE
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data.encode() if isinstance(data, str) else data)
+    sys.stdout.buffer.flush()
     return EXIT_OK
+
+
+@option("show")
+def _show_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=("text", "dot", "svg", "png"),
+        default="text",
+        help="text (default), DOT source, or drawn by Graphviz as svg/png",
+    )
+    parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
 
 
 def describe(pipeline: Pipeline) -> str:
@@ -178,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         add(parser)
     if cmd.hydra:
         args, hydra_args = parser.parse_known_args(rest)
+        hydra_args = [*getattr(args, "hydra_extra", []), *hydra_args]
         if any(a in ("-h", "--help") for a in hydra_args):
             parser.print_help()
             print("\nHydra options and overrides follow the command (see below).\n")
@@ -268,6 +414,8 @@ def _overview() -> str:
         "  pipekit run pipeline=wine model=forest       # pick a pipeline and a config group",
         "  pipekit run stages.train.params.C=0.5        # override a stage param",
         "  pipekit run -m stages.train.params.C=0.1,1   # a Hydra sweep",
+        "  pipekit explain stages.train.params.C=0.5    # what would run, and why",
+        "  pipekit run --force train                    # recompute train (and downstream)",
         "  pipekit run -cd my_conf -cn my_config        # your own config directory",
         "",
         "`pipekit <command> --help` shows the command's options and Hydra's.",

@@ -105,6 +105,10 @@ class TrackingConfigError(ConfigError):
     """The `tracking` section is invalid (unknown backend or key, a URI that cannot work)."""
 
 
+class CacheConfigError(ConfigError):
+    """The `cache` section is invalid (unknown backend or key), or a `--force` names no stage."""
+
+
 # --- run-time errors (CLI exit code 1) --------------------------------------------------
 
 
@@ -132,6 +136,16 @@ class StageError(PipekitError):
 
 class OutputKeyError(StageError):
     """`inputs: {arg: upstream.key}` where upstream's output is not a mapping or lacks key."""
+
+
+class CacheEntryError(PipekitError):
+    """A stored stage output cannot be read (truncated, corrupt, unpicklable here)."""
+
+    exit_code = 1
+
+
+class CacheWarning(UserWarning):
+    """Something in the stage cache went wrong but the run goes on (e.g. a corrupt entry)."""
 
 
 class TrackingError(PipekitError):

@@ -57,6 +57,10 @@ class RunInfo:
 class Observer:
     """Subclass and override what you need; every hook defaults to doing nothing."""
 
+    #: False when the observer never reads `StageEvent.output`: then a run need not load
+    #: cached stage outputs from the store just to put them into `cached` events.
+    wants_outputs: bool = True
+
     def run_started(self, run: RunInfo) -> None:
         """Called once before any stage runs."""
 
@@ -78,6 +82,10 @@ class Observers(Observer):
 
     def __bool__(self) -> bool:
         return bool(self._observers)
+
+    @property
+    def wants_outputs(self) -> bool:  # type: ignore[override]
+        return any(getattr(o, "wants_outputs", True) for o in self._observers)
 
     def _each(self, hook: str, *args: Any) -> None:
         for observer in self._observers:
@@ -101,6 +109,8 @@ class Observers(Observer):
 
 class StatusBoard(Observer):
     """Keeps the latest state and timing of every stage: the model behind live displays."""
+
+    wants_outputs = False
 
     def __init__(self) -> None:
         self.state: dict[str, State] = {}

@@ -156,9 +156,18 @@ class StageTimer:
     record two timestamps per stage.
     """
 
-    def __init__(self, stages: Mapping[str, Any], observer: Observer | None = None):
+    def __init__(
+        self,
+        stages: Mapping[str, Any],
+        observer: Observer | None = None,
+        *,
+        reasons: Mapping[str, str] | None = None,
+        meta: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
         self.stages = stages
         self.observer = observer or None
+        self.reasons = reasons or {}  # why each stage runs (from the cache's plan)
+        self.meta = meta or {}  # e.g. {"cache_key": ...} of stages that write an entry
         self.started: dict[str, float] = {}
         self.durations: dict[str, float] = {}
 
@@ -171,25 +180,42 @@ class StageTimer:
         if key in self.stages:
             now = self.started[key] = time.perf_counter()
             if self.observer is not None:
-                self.observer.stage_changed(StageEvent(key, "running", now))
+                reason = self.reasons.get(key, "")
+                self.observer.stage_changed(StageEvent(key, "running", now, reason=reason))
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
         if key in self.stages:
             now = time.perf_counter()
             duration = self.durations[key] = now - self.started[key]
             if self.observer is not None:
-                self.observer.stage_changed(outcome_event(key, result, now, duration))
+                event = outcome_event(
+                    key, result, now, duration, self.reasons.get(key, ""), self.meta.get(key)
+                )
+                self.observer.stage_changed(event)
 
 
-def outcome_event(stage: str, output: Any, at: float, duration: float | None) -> StageEvent:
-    """The final event of a stage from its task's output."""
+def outcome_event(
+    stage: str,
+    output: Any,
+    at: float,
+    duration: float | None,
+    reason: str = "",
+    meta: Mapping[str, Any] | None = None,
+) -> StageEvent:
+    """The final event of a stage from its task's output (`reason`: why it ran)."""
     if isinstance(output, Failed):
         return StageEvent(
-            stage, "failed", at, duration, error=output.error, traceback=output.traceback
+            stage,
+            "failed",
+            at,
+            duration,
+            error=output.error,
+            traceback=output.traceback,
+            reason=reason,
         )
     if isinstance(output, Skipped):
         return StageEvent(stage, "skipped", at, duration, reason=f"'{output.because}' failed")
-    return StageEvent(stage, "done", at, duration, output=output)
+    return StageEvent(stage, "done", at, duration, output=output, reason=reason, meta=meta or {})
 
 
 def scheduler_get(scheduler: str) -> Callable[..., Any]:

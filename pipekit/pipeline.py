@@ -7,8 +7,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, OverrideError, StageError, where
 from .events import Observer, Observers, RunInfo, StageEvent
@@ -16,6 +17,9 @@ from .execute import SCHEDULERS, Failed, Skipped, StageTimer, build_graph, compu
 from .graph import Graph, check_edges, check_targets
 from .result import RunResult
 from .spec import TOP_LEVEL_KEYS, PipelineSpec, Stage, interpolated_keys, parse_pipeline
+
+if TYPE_CHECKING:
+    from .cache import CacheStore, Plan, Planner, StagePlan
 
 
 class Pipeline:
@@ -38,6 +42,7 @@ class Pipeline:
         self._graph: Graph | None = None
         self._funcs: dict[str, Callable[..., Any]] | None = None
         self._tasks: dict[str, tuple] | None = None
+        self._cache_parts: dict[str, str] | None = None
         self.last_result: RunResult | None = None
 
     # --- construction -------------------------------------------------------------------
@@ -129,6 +134,61 @@ class Pipeline:
         dsk[GATHER_KEY] = (_gather, *stages)
         return Delayed(GATHER_KEY, dsk)
 
+    # --- caching ------------------------------------------------------------------------
+
+    def cache_store(self) -> CacheStore | None:
+        """The stage cache the `cache` config section selects, or None when it is off."""
+        from .cache import open_store
+
+        return open_store(self.spec.section("cache"), pipeline=self.name)
+
+    def explain(
+        self, targets: Iterable[str] | None = None, force: bool | Iterable[str] | None = None
+    ) -> Plan:
+        """What a run would compute or take from the cache, and why; runs nothing.
+
+        E.g. `train  run  params changed: C 1.0 → 0.5`, `evaluate  run  upstream changed: train`.
+        """
+        from .cache import Plan, Planner
+
+        stages = self.plan(targets)
+        store = self.cache_store()
+        planner = Planner(self, store)
+        plans = planner.decide(stages, force=self._forced(force), manifests=True, running=False)
+        return Plan(self.name, [plans[s] for s in stages], store.display if store else None)
+
+    def _forced(self, force: bool | Iterable[str] | None) -> bool | list[str]:
+        if force is None or force is False:
+            return []
+        if force is True:
+            return True
+        names = [force] if isinstance(force, str) else list(force)
+        return check_targets(self.spec, names)
+
+    def _cache_static(self) -> dict[str, str]:
+        """The part of each stage's key fixed for this Pipeline object (target, params,
+        edges), computed once: re-runs then only hash code, watched files and upstream keys."""
+        if self._cache_parts is None:
+            from .cache import FORMAT
+            from .fingerprint import value_token
+
+            parts = {}
+            for name, stage in self.stages.items():
+                edges = ",".join(f"{arg}={ref}" for arg, ref in stage.inputs.items())
+                parts[name] = "|".join(
+                    (
+                        f"v{FORMAT}",
+                        self.name,
+                        name,
+                        stage.target,
+                        value_token(dict(stage.params)) if stage.params else "",
+                        edges,
+                        ",".join(stage.after),
+                    )
+                )
+            self._cache_parts = parts
+        return self._cache_parts
+
     # --- running ------------------------------------------------------------------------
 
     def run(
@@ -139,13 +199,18 @@ class Pipeline:
         observers: Iterable[Observer] = (),
         progress: bool | str = "auto",
         raise_on_failure: bool = True,
+        force: bool | Iterable[str] | None = None,
     ) -> RunResult:
         """Run the stages `targets` need (all by default) and return their outputs.
 
+        With a cache configured, stages whose key has an entry are not computed (status
+        `cached`); `force=True` or `force=["train"]` recomputes (and what depends on it).
         Raises StageError for the first failed stage (its `.result` holds the partial
         RunResult) unless `raise_on_failure=False`. Independent branches finish anyway.
         """
         stages = self.plan(targets)
+        forced = self._forced(force)
+        store = self.cache_store()
         settings = self.spec.section("executor")
         scheduler = executor or settings.get("scheduler", "threads")
         if scheduler not in SCHEDULERS:
@@ -156,6 +221,12 @@ class Pipeline:
         observer = Observers(
             [*self._configured_observers(), *_progress_display(self, progress), *observers]
         )
+        plans = planner = None
+        if store is not None:
+            from .cache import Planner
+
+            planner = Planner(self, store)
+            plans = planner.decide(stages, force=forced, manifests=bool(observer))
         run = RunInfo(
             pipeline=self,
             stages=tuple(stages),
@@ -163,26 +234,34 @@ class Pipeline:
             run_id=uuid.uuid4().hex,
             started=time.time(),
             overrides=self.overrides,
+            cache=store,
         )
         observer.run_started(run)
         if observer:
             now = time.perf_counter()
             for name in stages:
                 observer.stage_changed(StageEvent(name, "pending", now))
-        dsk = self.tasks(stages)
-        timer = StageTimer(dsk, observer)
         try:
-            outputs = compute(
-                dsk,
-                stages,
-                scheduler=scheduler,
-                num_workers=settings.get("num_workers"),
-                timer=timer,
+            if plans is None:
+                dsk, computed, loaded, timer = self.tasks(stages), stages, {}, None
+                timer = StageTimer(dsk, observer)
+            else:
+                dsk, computed, loaded, timer = self._cached_graph(stages, plans, planner, observer)
+            outputs = (
+                compute(
+                    dsk,
+                    computed,
+                    scheduler=scheduler,
+                    num_workers=settings.get("num_workers"),
+                    timer=timer,
+                )
+                if computed
+                else {}
             )
         except BaseException as exc:
             observer.run_interrupted(run, exc)
             raise
-        result = self._result(run, outputs, timer.durations)
+        result = self._result(run, outputs, timer.durations, plans, loaded, store)
         self.last_result = result
         observer.run_finished(run, result)
         if result.errors and raise_on_failure:
@@ -190,10 +269,91 @@ class Pipeline:
             raise error
         return result
 
+    def _cached_graph(
+        self,
+        stages: list[str],
+        plans: dict[str, StagePlan],
+        planner: Planner,
+        observer: Observers,
+    ) -> tuple[dict[str, Any], list[str], dict[str, Any], StageTimer]:
+        """The graph of the stages to compute, after loading the cached outputs they need.
+
+        Loads run in the driver, newest stage first: an entry that turns out corrupt is
+        recomputed instead (with a warning), which may need its own upstream outputs.
+        Cached outputs nobody needs stay on disk unless an observer wants them.
+        """
+        from .cache import StagePlan, StoreTask, Value
+        from .errors import CacheEntryError
+
+        store = planner.store
+        assert store is not None
+        spec = self.stages
+        cached = {s for s in stages if plans[s].action == "cached"}
+        if observer.wants_outputs:
+            needed = set(cached)
+        else:
+            needed = {d for s in stages if s not in cached for d in spec[s].upstream} & cached
+        loaded: dict[str, Any] = {}
+        for name in reversed(stages):
+            if name not in needed or name not in cached:
+                continue
+            plan = plans[name]
+            try:
+                loaded[name] = store.load(plan.key, plan.manifest)  # type: ignore[arg-type]
+            except CacheEntryError as exc:
+                store.remove(plan.key)  # type: ignore[arg-type]
+                why = planner.corrupt(name, plan.key, str(exc))  # type: ignore[arg-type]
+                plans[name] = StagePlan(name, "run", why, plan.key)
+                cached.discard(name)
+                needed.update(d for d in spec[name].upstream if d in cached)
+        now = time.perf_counter()
+        for name in stages if observer else ():
+            plan = plans[name]
+            if plan.action == "cached":
+                meta = {"cache_key": plan.key, "manifest": plan.manifest or {}}
+                observer.stage_changed(
+                    StageEvent(
+                        name, "cached", now, output=loaded.get(name), reason=plan.reason, meta=meta
+                    )
+                )
+        computed = [s for s in stages if plans[s].action == "run"]
+        dsk = self.tasks(computed)
+        meta: dict[str, dict[str, Any]] = {}
+        if computed:
+            for name in computed:
+                if spec[name].cache:
+                    task, key = dsk[name], planner.keys[name]
+                    dsk[name] = (StoreTask(task[0], store, key, planner.info(name)), *task[1:])
+                    meta[name] = {"cache_key": key}
+            for name, value in loaded.items():
+                dsk[name] = (Value(value),)
+        reasons = {s: plans[s].reason for s in computed}
+        timer = StageTimer(dict.fromkeys(computed), observer, reasons=reasons, meta=meta)
+        return dsk, computed, loaded, timer
+
     def _result(
-        self, run: RunInfo, outputs: Mapping[str, Any], durations: Mapping[str, float]
+        self,
+        run: RunInfo,
+        outputs: Mapping[str, Any],
+        durations: Mapping[str, float],
+        plans: Mapping[str, StagePlan] | None = None,
+        loaded: Mapping[str, Any] | None = None,
+        store: CacheStore | None = None,
     ) -> RunResult:
         values, status, errors, reasons = {}, {}, {}, {}
+        lazy = {}
+        if plans is not None:  # status in plan order, then the computed stages' fates
+            loaded = loaded or {}
+            load = self._load_later
+            status = dict.fromkeys(run.stages, "cached")
+            reasons = {name: plan.reason for name, plan in plans.items()}
+            for name in run.stages:
+                if name in outputs:
+                    continue
+                if name in loaded:
+                    values[name] = loaded[name]
+                else:
+                    lazy[name] = partial(load, store, plans[name])
         for name, output in outputs.items():
             if isinstance(output, Failed):
                 status[name] = "failed"
@@ -205,11 +365,24 @@ class Pipeline:
                 status[name] = "done"
                 values[name] = output
         result = RunResult(
-            self.name, values, status, durations, errors, run.run_id, reasons=reasons
+            self.name, values, status, durations, errors, run.run_id, reasons=reasons, lazy=lazy
         )
         for error in errors.values():
             error.result = result
         return result
+
+    def _load_later(self, store: CacheStore, plan: StagePlan) -> Any:
+        """A cached output first read after the run; a corrupt entry is recomputed."""
+        from .errors import CacheEntryError
+
+        try:
+            return store.load(plan.key, plan.manifest)  # type: ignore[arg-type]
+        except CacheEntryError as exc:
+            from .cache import Planner
+
+            store.remove(plan.key)  # type: ignore[arg-type]
+            Planner(self, store).corrupt(plan.stage, plan.key, str(exc))  # type: ignore[arg-type]
+            return self.run(targets=[plan.stage], progress=False)[plan.stage]
 
     def _configured_observers(self) -> list[Observer]:
         """Observers the config asks for (tracking), imported only when enabled."""
@@ -223,6 +396,12 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: {len(self.stages)} stages>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """Jupyter draws the DAG (SVG); without Graphviz's `dot` it shows the DOT text."""
+        from .viz import mimebundle
+
+        return mimebundle(self, include, exclude)
 
 
 def stage_error(pipeline: str, failed: Failed) -> StageError:

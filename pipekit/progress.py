@@ -40,6 +40,8 @@ def auto_display(pipeline: Pipeline, *, force: bool = False) -> Observer | None:
 class TextProgress(Observer):
     """One line per finished stage, plus a live bar on a terminal."""
 
+    wants_outputs = False
+
     def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .errors import StageError, did_you_mean, where
@@ -21,9 +21,12 @@ class RunResult(Mapping[str, Any]):
         errors: Mapping[str, StageError] | None = None,
         run_id: str = "",
         reasons: Mapping[str, str] | None = None,
+        lazy: Mapping[str, Callable[[], Any]] | None = None,
     ):
         self.pipeline = pipeline
         self.outputs = dict(outputs)
+        #: cached stages whose output nobody needed during the run: loaded on first access
+        self._lazy: dict[str, Callable[[], Any]] = dict(lazy or {})
         self.status: dict[str, State] = dict(status)
         self.durations: dict[str, float] = dict(durations or {})
         self.errors: dict[str, StageError] = dict(errors or {})
@@ -35,6 +38,11 @@ class RunResult(Mapping[str, Any]):
             return self.outputs[stage]
         except KeyError:
             pass
+        loader = self._lazy.get(stage)
+        if loader is not None:
+            value = self.outputs[stage] = loader()
+            del self._lazy[stage]
+            return value
         state = self.status.get(stage)
         if state == "failed":
             raise KeyError(f"{where(self.pipeline, stage)} failed: {self.errors[stage]}")
@@ -47,10 +55,15 @@ class RunResult(Mapping[str, Any]):
         )
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.outputs)
+        if not self._lazy:
+            return iter(self.outputs)
+        return iter([n for n in self.status if n in self.outputs or n in self._lazy])
 
     def __len__(self) -> int:
-        return len(self.outputs)
+        return len(self.outputs) + len(self._lazy)
+
+    def __contains__(self, stage: object) -> bool:
+        return stage in self.outputs or stage in self._lazy
 
     @property
     def ok(self) -> bool:
@@ -66,8 +79,8 @@ class RunResult(Mapping[str, Any]):
         from .metrics import numeric_items
 
         found = {}
-        for name, output in self.outputs.items():
-            items = numeric_items(output)
+        for name in list(self):
+            items = numeric_items(self[name])
             if items:
                 found[name] = items
         return found

@@ -56,3 +56,28 @@ def rendezvous(directory: str, me: str, other: str, timeout: float = 20.0):
             raise TimeoutError(f"{me} never saw {other} running at the same time")
         time.sleep(0.01)
     return os.getpid()
+
+
+# --- stage cache tests --------------------------------------------------------------------
+
+
+def tick(log: str, name: str, value=0, x=0, y=0):
+    """Appends `name` to the file `log` (so tests see which stages computed) and adds up."""
+    with open(log, "a") as handle:
+        handle.write(name + "\n")
+    return value + x + y
+
+
+def fail_if(path: str, x=0):
+    """Raises while the file `path` exists: a stage the test can break and then fix."""
+    if Path(path).exists():
+        raise RuntimeError(f"{path} exists")
+    return x + 1
+
+
+def blob(megabytes: int, fill: int, x=None, pause: float = 0.0):
+    """A big deterministic output (kill tests land during its cache write)."""
+    if x is not None:
+        assert len(x) == megabytes << 20 and x[:1] == bytes([fill - 1]), "bad upstream value"
+    time.sleep(pause)
+    return bytes([fill]) * (megabytes << 20)

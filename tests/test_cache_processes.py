@@ -1,0 +1,145 @@
+"""The stage cache against real processes: kill -9 mid-write, two runs at once, sweeps."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipekit.cache import CacheStore
+
+MEGABYTES = 48
+STAGES = ("s1", "s2", "s3", "s4")
+
+RUNNER = f"""
+import json, sys, warnings
+import pipekit as pk
+from pipekit.errors import CacheWarning
+
+warnings.simplefilter("error", CacheWarning)  # reading a corrupt entry fails the test
+cache, force = sys.argv[1], sys.argv[2] == "force"
+stages = {{}}
+for i, name in enumerate({STAGES!r}, start=1):
+    stage = {{"_target_": "core_stages.blob", "params": {{"megabytes": {MEGABYTES}, "fill": i}}}}
+    if i > 1:
+        stage["inputs"] = {{"x": f"s{{i - 1}}"}}
+    stages[name] = stage
+p = pk.Pipeline.from_config(
+    {{"name": "big", "stages": stages, "cache": {{"backend": "local", "path": cache}},
+     "executor": {{"scheduler": "threads"}}}}
+)
+p.validate()
+print("ready", flush=True)
+r = p.run(progress=False, force=force)
+print(json.dumps({{s: [r.status[s], len(r[s]), r[s][:1].hex(), r[s][-1:].hex()] for s in stages}}))
+"""
+
+
+def expected_outputs() -> dict[str, list]:
+    size = MEGABYTES << 20
+    return {s: [size, f"{i:02x}", f"{i:02x}"] for i, s in enumerate(STAGES, start=1)}
+
+
+def start(tmp_path: Path, env: dict, cache: Path, force: bool = False) -> subprocess.Popen:
+    runner = tmp_path / "runner.py"
+    if not runner.exists():
+        runner.write_text(RUNNER)
+    return subprocess.Popen(
+        [sys.executable, str(runner), str(cache), "force" if force else "normal"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+def finish(proc: subprocess.Popen) -> dict[str, list]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_every_entry_whole(cache: Path) -> int:
+    """Every committed entry has its whole value and the right content."""
+    store = CacheStore(str(cache))
+    keys = store.keys()
+    for key in keys:
+        manifest = store.manifest(key)
+        assert manifest is not None, f"unreadable manifest {key}"
+        assert store.check(key, manifest) is None, store.check(key, manifest)
+        value = store.load(key, manifest)
+        fill = STAGES.index(manifest["stage"]) + 1
+        assert len(value) == MEGABYTES << 20 and value[:1] == value[-1:] == bytes([fill])
+    return len(keys)
+
+
+def test_kill_9_mid_run_never_leaves_a_readable_half_entry(tmp_path, cli_env):
+    cache = tmp_path / "cache"
+    rng = random.Random(5)
+    kills = 0
+    deadline = time.monotonic() + 90
+    for attempt in range(20):
+        if time.monotonic() > deadline:
+            break
+        proc = start(tmp_path, cli_env, cache, force=attempt % 2 == 1)
+        assert proc.stdout.readline().strip() == "ready"  # imports done: the work starts now
+        time.sleep(rng.uniform(0.0, 0.3))  # the four stages and their writes take ~0.3 s
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.communicate(timeout=60)
+        assert_every_entry_whole(cache)
+    assert kills >= 10  # most runs really were killed mid-way
+    leftovers = [p.name for p in (cache / "values").iterdir() if p.name.startswith(".tmp-")]
+    result = finish(start(tmp_path, cli_env, cache))
+    assert {s: v[1:] for s, v in result.items()} == expected_outputs()
+    assert assert_every_entry_whole(cache) == len(STAGES)
+    assert leftovers  # some kills landed mid-write...
+    assert set(leftovers) <= {p.name for p in (cache / "values").iterdir()}  # ...never read
+
+
+def test_two_processes_share_one_cache_directory(tmp_path, cli_env):
+    cache = tmp_path / "cache"
+    first, second = start(tmp_path, cli_env, cache), start(tmp_path, cli_env, cache)
+    for result in (finish(first), finish(second)):
+        assert {s: v[1:] for s, v in result.items()} == expected_outputs()
+    assert assert_every_entry_whole(cache) == len(STAGES)
+    third = finish(start(tmp_path, cli_env, cache))
+    assert {v[0] for v in third.values()} == {"cached"}
+
+
+def test_sweep_jobs_reuse_upstream_entries(tmp_path, cli_env):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipekit.cli",
+            "run",
+            "-m",
+            "stages.train.params.C=0.1,1",
+            "tracking=off",
+            "executor=sync",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = proc.stderr.split("pipekit: running")[1:]
+    assert len(jobs) == 2
+    upstream = ("collect_a", "collect_b", "combine", "validate", "split", "features")
+    for stage in upstream:
+        assert f"{stage} done" in jobs[0]
+        assert f"{stage} cached" in jobs[1]
+    assert "train done" in jobs[1] and "(params changed: C 0.1 → 1)" in jobs[1]
+    # the cache sits in the directory the sweep started in, not in Hydra's job dirs
+    store = CacheStore(str(tmp_path / ".pipekit" / "cache"))
+    trains = [m for m in store.entries() if m.get("stage") == "train"]
+    assert sorted(m["params"]["C"] for m in trains) == [0.1, 1]

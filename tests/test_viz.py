@@ -1,0 +1,173 @@
+"""Drawing the DAG with the real Graphviz: DOT content, SVG/PNG, `pipekit show`, no `dot`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import make
+
+from pipekit import viz
+from pipekit.errors import GraphvizNotFoundError, PipekitError
+
+STAGES = {
+    "load": {"_target_": "split", "params": {"value": 10, "parts": 2}},
+    "left": {"_target_": "add", "inputs": {"a": "load.head"}, "params": {"b": 1}},
+    "right": {"_target_": "add", "inputs": {"a": "load.tail"}},
+    "join": {
+        "_target_": "needs_two",
+        "inputs": {"x": "left", "y": "right"},
+        "after": ["load"],
+        "model": True,
+        "description": 'joins "both" sides\\ <b>&amp;</b>\nsecond line',
+    },
+}
+
+
+@pytest.fixture
+def pipeline():
+    return make(STAGES, name="viz_demo")
+
+
+def node_line(source: str, name: str) -> str:
+    return next(line for line in source.splitlines() if line.strip().startswith(f'"{name}" ['))
+
+
+def test_dot_source_draws_edges_labels_after_and_models(pipeline):
+    source = viz.dot_source(pipeline)
+    assert source.startswith('digraph "viz_demo" {')
+    assert '"load" -> "left" [label="a←head"' in source
+    assert '"load" -> "right" [label="a←tail"' in source
+    assert '"left" -> "join" [label="x"' in source
+    assert '"load" -> "join" [style=dashed' in source  # the order-only edge
+    assert "peripheries=2" in node_line(source, "join")
+    assert "peripheries" not in node_line(source, "left")
+    # name and short target in the label, params in the tooltip
+    assert "<b>left</b>" in node_line(source, "left") and "core_stages.add" in source
+    assert 'tooltip="left\\ncore_stages.add\\nparams:\\n  b = 1"' in node_line(source, "left")
+    assert "fillcolor" not in source.split("// stage status")[0].split("edge [")[1]
+
+
+def test_dot_source_escapes_quotes_backslashes_and_newlines(pipeline):
+    line = node_line(viz.dot_source(pipeline), "join")
+    assert 'joins \\"both\\" sides\\\\ <b>&amp;amp;</b>\\nsecond line' in line
+    svg = viz.render(pipeline, "svg")  # Graphviz parses it and escapes for XML
+    assert "joins &quot;both&quot; sides\\ &lt;b&gt;&amp;amp;&lt;/b&gt;&#10;second line" in svg
+
+
+def test_status_colours_classes_reasons_and_legend(pipeline):
+    status = {"load": "cached", "left": "done", "right": "failed", "join": "skipped"}
+    source = viz.dot_source(pipeline, status, reasons={"load": "inputs unchanged"})
+    status_part = source.split("// stage status")[1]
+    for name, state in status.items():
+        line = node_line(status_part, name)
+        assert f'fillcolor="{viz.STATE_COLORS[state]}"' in line
+        assert f'class="stage {state}"' in line
+    assert "state: cached (inputs unchanged)" in node_line(status_part, "load")
+    assert "dashed" in node_line(status_part, "load")  # cached looks greyed and dashed
+    assert "pipekit:legend" in source
+    assert len(set(viz.STATE_COLORS.values())) == len(viz.STATE_COLORS)
+
+    svg = viz.render(pipeline, "svg", status=status)
+    for name, state in status.items():
+        assert re.search(rf'<g id="stage&#45;{name}" class="node stage {state}">', svg), name
+    assert f'fill="{viz.STATE_COLORS["failed"]}"' in svg
+    for state in viz.STATE_COLORS:
+        assert f">{state}</text>" in svg  # the legend
+
+
+def test_render_svg_png_and_dot(pipeline):
+    svg = viz.render(pipeline, "svg")
+    assert isinstance(svg, str) and svg.lstrip().startswith("<?xml")
+    for name in STAGES:
+        assert f"<title>{name}</title>" in svg
+    assert "a←head" in svg
+    png = viz.render(pipeline, "png")
+    assert isinstance(png, bytes) and png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert viz.render(pipeline, "dot") == viz.dot_source(pipeline)
+    with pytest.raises(ValueError, match="format must be"):
+        viz.render(pipeline, "gif")  # type: ignore[arg-type]
+
+
+def test_live_renders_keep_the_layout(pipeline):
+    """Colouring re-uses the cached layout: nodes stay where they were as states change."""
+
+    def positions(svg: str) -> dict[str, str]:
+        found = re.findall(
+            r"<title>(\w+)</title>\s*<g [^>]*><a [^>]*>\s*<path[^>]* d=\"([^\"]+)\"", svg
+        )
+        return dict(found)
+
+    names = list(STAGES)
+    first = positions(str(viz.render(pipeline, "svg", status=dict.fromkeys(names, "pending"))))
+    later = positions(
+        str(viz.render(pipeline, "svg", status={**dict.fromkeys(names, "done"), "join": "running"}))
+    )
+    assert set(first) == set(names) and first == later
+
+
+def test_pipeline_displays_as_svg_in_jupyter(pipeline):
+    bundle = pipeline._repr_mimebundle_()
+    assert set(bundle) == {"image/svg+xml", "text/plain"}
+    assert bundle["text/plain"] == "<Pipeline 'viz_demo': 4 stages>"
+    assert all(f"<title>{name}</title>" in bundle["image/svg+xml"] for name in STAGES)
+    assert set(pipeline._repr_mimebundle_(include=["text/plain"])) == {"text/plain"}
+    assert set(pipeline._repr_mimebundle_(exclude=["image/svg+xml"])) == {"text/plain"}
+
+
+def test_missing_dot_names_the_install_commands(monkeypatch, tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    fresh = make(STAGES, name="no_dot_here")  # a source no earlier drawing has cached
+    with pytest.raises(GraphvizNotFoundError) as info:
+        viz.render(fresh, "svg")
+    message = str(info.value)
+    for hint in ("apt-get install graphviz", "brew install graphviz", "conda install graphviz"):
+        assert hint in message
+    assert "dot_source()" in message and "pipekit show --format dot" in message
+    assert isinstance(info.value, PipekitError) and info.value.exit_code == 1
+    assert '"load" -> "join" [style=dashed' in viz.dot_source(fresh)  # still works
+    bundle = fresh._repr_mimebundle_()  # Jupyter shows the DOT text instead of raising
+    assert "image/svg+xml" not in bundle
+    assert "apt-get install graphviz" in bundle["text/plain"]
+    assert 'digraph "no_dot_here"' in bundle["text/plain"]
+
+
+def pipekit(*args, env, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "pipekit.cli", "show", *args, "tracking=off"],
+        capture_output=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_show_writes_svg_and_png_files(cli_env, tmp_path):
+    proc = pipekit("--format", "svg", "-o", "dag.svg", env=cli_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    svg = (tmp_path / "dag.svg").read_text()
+    for name in ("collect_a", "combine", "train", "evaluate", "publish"):
+        assert f"<title>{name}</title>" in svg
+    proc = pipekit("--format", "png", env=cli_env, cwd=tmp_path)  # stdout is a pipe: bytes ok
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b"\x89PNG")
+
+
+def test_show_dot_works_and_svg_fails_in_one_line_without_dot(cli_env, tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    env = {**cli_env, "PATH": str(empty)}
+    proc = pipekit("--format", "dot", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b'digraph "cancer" {')
+    assert b'"train" -> "evaluate" [label="model"' in proc.stdout
+    proc = pipekit("--format", "svg", "-o", "dag.svg", env=env, cwd=tmp_path)
+    assert proc.returncode == 1
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pipekit: error: cannot draw the pipeline")
+    assert "apt-get install graphviz" in lines[0]
+    assert not (tmp_path / "dag.svg").exists()
