@@ -179,7 +179,7 @@ class StageTimer:
     def _pretask(self, key: Any, dsk: Any, state: Any) -> None:
         if key in self.stages:
             now = self.started[key] = time.perf_counter()
-            if self.observer is not None:
+            if self.observer is not None and not _upstream_failed(key, state):
                 reason = self.reasons.get(key, "")
                 self.observer.stage_changed(StageEvent(key, "running", now, reason=reason))
 
@@ -192,6 +192,14 @@ class StageTimer:
                     key, result, now, duration, self.reasons.get(key, ""), self.meta.get(key)
                 )
                 self.observer.stage_changed(event)
+
+
+def _upstream_failed(key: str, state: Any) -> bool:
+    """True when the task will only pass on an upstream failure: it never really runs."""
+    results = state.get("cache", {})
+    return any(
+        isinstance(results.get(dep), Failed | Skipped) for dep in state["dependencies"].get(key, ())
+    )
 
 
 def outcome_event(

@@ -30,6 +30,8 @@ class LiveRun(Observer):
     and `run_finished` always draws the final state.
     """
 
+    wants_outputs = False  # states and times only: cached outputs stay on disk
+
     def __init__(
         self,
         pipeline: Pipeline | None = None,
