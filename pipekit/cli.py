@@ -435,7 +435,13 @@ def _error(message: str) -> None:
 
 def entry() -> None:
     """Console-script entry: exit with main()'s code."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `pipekit cache ls | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
