@@ -78,6 +78,41 @@ def timed(configs: dict[str, dict[str, Any]], repeat: int) -> dict[str, float]:
     return {label: statistics.median(values) for label, values in times.items()}
 
 
+def bare_mlflow(uri: str, stages: int, repeat: int) -> dict[str, float]:
+    """The baseline, same store and process: ms per nested run made with MlflowClient alone.
+
+    `empty`: create + terminate; `batched`: the same with the params, metrics and tags of a
+    stage sent in one `log_batch` (what pipekit sends for a non-model stage).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(f"baseline-{time.time_ns()}")
+    out: dict[str, list[float]] = {"empty": [], "batched": []}
+    for _ in range(repeat):
+        for label in out:
+            parent = client.create_run(experiment).info.run_id
+            start = time.perf_counter()
+            for i in range(stages):
+                run = client.create_run(experiment, tags={"mlflow.parentRunId": parent})
+                run_id = run.info.run_id
+                if label == "batched":
+                    now = int(time.time() * 1000)
+                    client.log_batch(
+                        run_id,
+                        metrics=[Metric("value", float(i), now, 0), Metric("score", 0.5, now, 0)],
+                        params=[
+                            Param(f"s{i}.{k}", str(v)) for k, v in {"a": i, "b": i / 10}.items()
+                        ],
+                        tags=[RunTag("pipekit.stage", f"s{i}")],
+                    )
+                client.set_terminated(run_id, "FINISHED")
+            out[label].append((time.perf_counter() - start) / stages * 1000)
+            client.set_terminated(parent, "FINISHED")
+    return {label: statistics.median(values) for label, values in out.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=50)
@@ -102,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             args.repeat,
         )
+        bare = bare_mlflow(local["uri"], n, args.repeat)
     per_stage = (t["local"] - t["off"]) / n * 1000
     per_model = per_stage + (t["local+models"] - t["local"]) / m * 1000
     print(
@@ -113,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"tracking per stage:       {per_stage:6.1f} ms  (target <= {TARGET_STAGE_MS:.0f} ms; "
         f"{per_stage / TARGET_STAGE_MS:.2f}x the target)"
+    )
+    print(
+        f"baseline, MlflowClient alone on the same store: {bare['empty']:.1f} ms per empty "
+        f"nested run, {bare['batched']:.1f} ms with one log_batch; pipekit's per-stage cost = "
+        f"{per_stage / bare['batched']:.2f}x the batched baseline"
     )
     print(
         f"tracking per model stage: {per_model:6.1f} ms  (target <= {TARGET_MODEL_MS:.0f} ms; "
