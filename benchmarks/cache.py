@@ -12,24 +12,13 @@ path a non-config value (e.g. a frame passed as a param from Python) takes.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def best(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from overhead import best
 
 
 def main() -> None:
