@@ -654,10 +654,11 @@ class Planner:
 def _cached_reason(manifest: Mapping[str, Any] | None) -> str:
     if not manifest:
         return "unchanged"
-    return f"unchanged since {_age(time.time() - float(manifest.get('created') or 0))} ago"
+    return f"unchanged since {age(time.time() - float(manifest.get('created') or 0))} ago"
 
 
-def _age(seconds: float) -> str:
+def age(seconds: float) -> str:
+    """'3m', '2h', '5d': how long ago, for listings and reasons."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
@@ -788,7 +789,7 @@ def cache_listing(store: CacheStore) -> str:
                 str(entry.get("stage", "?")),
                 str(entry["key"])[:12],
                 human_size(int(entry.get("size") or 0)),
-                _age(now - float(entry.get("created") or 0.0)),
+                age(now - float(entry.get("created") or 0.0)),
                 shown,
             )
         )
@@ -798,11 +799,6 @@ def cache_listing(store: CacheStore) -> str:
         for row in rows
     ]
     return "\n".join([head, *lines])
-
-
-def age(seconds: float) -> str:
-    """'3m', '2h', '5d' — how long ago."""
-    return _age(seconds)
 
 
 __all__ = [
