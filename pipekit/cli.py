@@ -81,6 +81,8 @@ def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
     for stage, metrics in result.metrics().items():
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         print(f"{stage}: {shown}")
+    if result.tracking and not args.quiet:
+        sys.stderr.write(f"pipekit: {_tracked_where(result.tracking)}\n")
     if result.errors:
         first = result.errors[result.failed[0]]
         if args.verbose and first.traceback:
@@ -88,6 +90,18 @@ def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
         _error(str(first))
         return EXIT_STAGE_FAILED
     return EXIT_OK
+
+
+def _tracked_where(tracking: dict[str, str]) -> str:
+    """Where the MLflow run is and how to open it: a UI link, or the `mlflow ui` command."""
+    uri, experiment, run = (
+        tracking["mlflow_uri"],
+        tracking["mlflow_experiment_id"],
+        tracking["mlflow_run_id"],
+    )
+    if uri.startswith(("http://", "https://")):
+        return f"tracked in MLflow: {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run}"
+    return f"tracked in MLflow run {run} ({uri}); browse: mlflow ui --backend-store-uri {uri}"
 
 
 @option("run")

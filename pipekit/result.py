@@ -32,6 +32,8 @@ class RunResult(Mapping[str, Any]):
         self.errors: dict[str, StageError] = dict(errors or {})
         self.reasons: dict[str, str] = dict(reasons or {})
         self.run_id = run_id
+        #: where observers recorded the run, e.g. {"mlflow_run_id": ..., "mlflow_uri": ...}
+        self.tracking: dict[str, str] = {}
 
     def __getitem__(self, stage: str) -> Any:
         try:

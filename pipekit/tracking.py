@@ -419,6 +419,12 @@ class MlflowObserver(Observer):
                 self.stage_changed(event)
         self._writer.submit(self._finish_parent, result)
         self._close_writer()
+        if self.parent_run_id is not None:
+            result.tracking.update(
+                mlflow_uri=self.uri,
+                mlflow_experiment_id=str(self.experiment_id),
+                mlflow_run_id=self.parent_run_id,
+            )
 
     def run_interrupted(self, run: RunInfo, error: BaseException) -> None:
         if self._writer is None:

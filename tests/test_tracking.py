@@ -127,6 +127,11 @@ def test_example_logs_run_tree_models_and_lineage(store):
     parent, children = runs_of(store, "cancer", result.run_id)
 
     assert parent.info.status == "FINISHED"
+    assert result.tracking == {
+        "mlflow_uri": store,
+        "mlflow_experiment_id": parent.info.experiment_id,
+        "mlflow_run_id": parent.info.run_id,
+    }
     tags = parent.data.tags
     assert tags["pipekit.pipeline"] == "cancer"
     assert tags["pipekit.config_hash"] == config_hash(pipeline.config)
@@ -581,3 +586,27 @@ def test_git_commit_reads_refs_without_git(tmp_path):
     assert git_commit(tmp_path / "repo") == sha
     (git / "HEAD").write_text(sha[::-1] + "\n")  # detached
     assert git_commit(tmp_path / "repo") == sha[::-1]
+
+
+def test_cli_run_says_where_the_run_was_tracked(store, tmp_path, cli_env):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipekit.cli", "run", "executor=sync", "cache=off"],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    run_id = line.removeprefix("pipekit: tracked in MLflow run ").split()[0]
+    assert line == (
+        f"pipekit: tracked in MLflow run {run_id} ({store}); "
+        f"browse: mlflow ui --backend-store-uri {store}"
+    )
+    parent = MlflowClient(store).get_run(run_id)  # the parent run itself
+    assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
+    assert parent.data.tags["pipekit.pipeline"] == "cancer"
