@@ -254,7 +254,7 @@ def test_config_group_swaps_the_estimator(tmp_path, monkeypatch):
     assert forest.stages["estimator"].target == "sklearn.ensemble.RandomForestClassifier"
     logreg = pk.load("wine", overrides=["executor=sync", "tracking=off", "cache=off"])
     assert logreg.stages["estimator"].target == "sklearn.linear_model.LogisticRegression"
-    model = forest.run(progress=False)["train"]
+    model = forest.run(progress=False)["train"][-1]  # after the StandardScaler
     assert type(model).__name__ == "RandomForestClassifier" and model.n_estimators == 200
 
 
