@@ -27,7 +27,8 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .errors import CacheConfigError, CacheEntryError, CacheWarning, did_you_mean, where
-from .fingerprint import code_digests, combined, digest, plain, watch_digests
+from .fingerprint import code_digests, combined, digest, plain, value_token, watch_digests
+from .spec import backend_name, flat_params
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -42,6 +43,8 @@ BACKEND_KEYS: dict[str, set[str]] = {
 }
 
 _TMP = ".tmp-"
+#: Why a stage runs whose entry was found unusable while running.
+REPLACED = "corrupt entry replaced"
 
 
 # --- storage primitives -------------------------------------------------------------------
@@ -383,10 +386,7 @@ def open_store(
     """
     if not section:
         return None
-    backend = section.get("backend", "local")
-    backend = (
-        "off" if backend is False or str(backend).lower() in ("off", "false", "none") else backend
-    )
+    backend = backend_name(section, "local")
     if backend not in BACKEND_KEYS:
         raise CacheConfigError(
             f"{where(pipeline, key='cache.backend')} '{backend}' is unknown"
@@ -498,6 +498,19 @@ class Plan(list):
         return f"**{self.pipeline}**: {len(self.to_run)} of {len(self)} stages will run\n\n| stage | action | why |\n|---|---|---|\n{rows}"
 
 
+def static_key_parts(pipeline: Pipeline) -> dict[str, str]:
+    """The part of each stage's key a Pipeline object fixes (target, params, edges):
+    computed once per Pipeline, so re-runs only hash code, watched files and upstream keys."""
+    parts = {}
+    for name, stage in pipeline.stages.items():
+        edges = ",".join(f"{arg}={ref}" for arg, ref in stage.inputs.items())
+        params = value_token(dict(stage.params)) if stage.params else ""
+        parts[name] = "|".join(
+            (f"v{FORMAT}", pipeline.name, name, stage.target, params, edges, ",".join(stage.after))
+        )
+    return parts
+
+
 class Planner:
     """Fingerprints the planned stages in order and decides, per stage, run or cached."""
 
@@ -554,7 +567,6 @@ class Planner:
         *,
         force: bool | Iterable[str] | None = None,
         manifests: bool = False,
-        reasons: bool = True,
         running: bool = True,
     ) -> dict[str, StagePlan]:
         """Run or cached for each stage. A stage runs when its key has no whole entry, it
@@ -598,7 +610,7 @@ class Planner:
                     plans[name] = StagePlan(name, "cached", reason, key, manifest)
                     continue
             if not why:
-                why = self.why(name) if reasons else "no entry"
+                why = self.why(name)
             plans[name] = StagePlan(name, "run", why, key)
             if label:
                 rerun[name] = label
@@ -614,7 +626,19 @@ class Planner:
             CacheWarning,
             stacklevel=3,
         )
-        return "corrupt entry replaced"
+        return REPLACED
+
+    def load(self, plan: StagePlan) -> Any:
+        """A cached stage's output. An entry that proves unusable is removed with a
+        warning and CacheEntryError raised: the caller recomputes the stage."""
+        store, key = self.store, plan.key
+        assert store is not None and key is not None
+        try:
+            return store.load(key, plan.manifest)
+        except CacheEntryError as exc:
+            store.remove(key)
+            self.corrupt(plan.stage, key, str(exc))
+            raise
 
     def why(self, name: str) -> str:
         """Why `name`'s key has no entry: a diff against what it was last computed from."""
@@ -665,17 +689,8 @@ def age(seconds: float) -> str:
     return f"{max(seconds, 0):.0f}s"
 
 
-def _flat(params: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(params, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in params.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: params}
-
-
 def _param_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    before, after = _flat(old), _flat(new)
+    before, after = flat_params(old), flat_params(new)
     parts = []
     for key in list(after) + [k for k in before if k not in after]:
         if key not in before:

@@ -67,10 +67,9 @@ def option(name: str) -> Callable[[Callable], Callable]:
 def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
     from .progress import TextProgress
 
-    targets = _split(args.targets)
     if getattr(args, "explain", False):
-        print(pipeline.explain(targets or None, force=_run_options(args).get("force")))
-        return EXIT_OK
+        return _explain(pipeline, args)
+    targets = _split(args.targets)
     result = pipeline.run(
         targets=targets or None,
         observers=[] if args.quiet else [TextProgress(sys.stderr)],
@@ -243,20 +242,21 @@ def _show(pipeline: Pipeline, args: argparse.Namespace) -> int:
     fmt = getattr(args, "format", "text")
     output = getattr(args, "output", None)
     if fmt == "text":
-        data: str | bytes = describe(pipeline.validate()) + "\n"
+        drawn: str | bytes = describe(pipeline.validate()) + "\n"
     else:
         from .viz import render
 
-        data = render(pipeline.validate(), format=fmt)
+        drawn = render(pipeline.validate(), format=fmt)
+    data = drawn.encode() if isinstance(drawn, str) else drawn
     if output and output != "-":
         with open(output, "wb") as out:
-            out.write(data.encode() if isinstance(data, str) else data)
+            out.write(data)
         return EXIT_OK
-    if isinstance(data, bytes) and sys.stdout.isatty():
+    if fmt == "png" and sys.stdout.isatty():
         _error(f"refusing to write {fmt} bytes to a terminal; use -o FILE or redirect stdout")
         return EXIT_USAGE
     sys.stdout.flush()
-    sys.stdout.buffer.write(data.encode() if isinstance(data, str) else data)
+    sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
     return EXIT_OK
 

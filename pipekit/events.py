@@ -24,6 +24,14 @@ FINAL_STATES = frozenset({"done", "cached", "failed", "skipped"})
 log = logging.getLogger(__name__)
 
 
+def count_states(states: Iterable[str]) -> str:
+    """`2 done, 1 failed`: how many stages are in each state, in lifecycle order."""
+    counts = dict.fromkeys(STATES, 0)
+    for state in states:
+        counts[state] = counts.get(state, 0) + 1  # type: ignore[index]
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+
+
 @dataclass(frozen=True, slots=True)
 class StageEvent:
     """A stage changed state. `output` is set on `done`/`cached`, `error` on `failed`."""
@@ -134,6 +142,11 @@ class StatusBoard(Observer):
             self.duration[event.stage] = event.duration
         if event.reason:
             self.reason[event.stage] = event.reason
+
+    @property
+    def finished(self) -> int:
+        """Stages in a final state (done, cached, failed, skipped): a progress bar's value."""
+        return sum(state in FINAL_STATES for state in self.state.values())
 
     def counts(self) -> Mapping[str, int]:
         out = dict.fromkeys(STATES, 0)

@@ -16,7 +16,14 @@ from .events import Observer, Observers, RunInfo, StageEvent
 from .execute import SCHEDULERS, Failed, Skipped, StageTimer, build_graph, compute
 from .graph import Graph, check_edges, check_targets
 from .result import RunResult
-from .spec import TOP_LEVEL_KEYS, PipelineSpec, Stage, interpolated_keys, parse_pipeline
+from .spec import (
+    TOP_LEVEL_KEYS,
+    PipelineSpec,
+    Stage,
+    backend_name,
+    interpolated_keys,
+    parse_pipeline,
+)
 
 if TYPE_CHECKING:
     from .cache import CacheStore, Plan, Planner, StagePlan
@@ -166,27 +173,11 @@ class Pipeline:
         return check_targets(self.spec, names)
 
     def _cache_static(self) -> dict[str, str]:
-        """The part of each stage's key fixed for this Pipeline object (target, params,
-        edges), computed once: re-runs then only hash code, watched files and upstream keys."""
+        """The fixed part of each stage's cache key, kept for this Pipeline's re-runs."""
         if self._cache_parts is None:
-            from .cache import FORMAT
-            from .fingerprint import value_token
+            from .cache import static_key_parts
 
-            parts = {}
-            for name, stage in self.stages.items():
-                edges = ",".join(f"{arg}={ref}" for arg, ref in stage.inputs.items())
-                parts[name] = "|".join(
-                    (
-                        f"v{FORMAT}",
-                        self.name,
-                        name,
-                        stage.target,
-                        value_token(dict(stage.params)) if stage.params else "",
-                        edges,
-                        ",".join(stage.after),
-                    )
-                )
-            self._cache_parts = parts
+            self._cache_parts = static_key_parts(self)
         return self._cache_parts
 
     # --- running ------------------------------------------------------------------------
@@ -243,7 +234,7 @@ class Pipeline:
                 observer.stage_changed(StageEvent(name, "pending", now))
         try:
             if plans is None:
-                dsk, computed, loaded, timer = self.tasks(stages), stages, {}, None
+                dsk, computed, loaded = self.tasks(stages), stages, {}
                 timer = StageTimer(dsk, observer)
             else:
                 dsk, computed, loaded, timer = self._cached_graph(stages, plans, planner, observer)
@@ -282,7 +273,7 @@ class Pipeline:
         recomputed instead (with a warning), which may need its own upstream outputs.
         Cached outputs nobody needs stay on disk unless an observer wants them.
         """
-        from .cache import StagePlan, StoreTask, Value
+        from .cache import REPLACED, StagePlan, StoreTask, Value
         from .errors import CacheEntryError
 
         store = planner.store
@@ -299,11 +290,9 @@ class Pipeline:
                 continue
             plan = plans[name]
             try:
-                loaded[name] = store.load(plan.key, plan.manifest)  # type: ignore[arg-type]
-            except CacheEntryError as exc:
-                store.remove(plan.key)  # type: ignore[arg-type]
-                why = planner.corrupt(name, plan.key, str(exc))  # type: ignore[arg-type]
-                plans[name] = StagePlan(name, "run", why, plan.key)
+                loaded[name] = planner.load(plan)
+            except CacheEntryError:
+                plans[name] = StagePlan(name, "run", REPLACED, plan.key)
                 cached.discard(name)
                 needed.update(d for d in spec[name].upstream if d in cached)
         now = time.perf_counter()
@@ -373,21 +362,18 @@ class Pipeline:
 
     def _load_later(self, store: CacheStore, plan: StagePlan) -> Any:
         """A cached output first read after the run; a corrupt entry is recomputed."""
+        from .cache import Planner
         from .errors import CacheEntryError
 
         try:
-            return store.load(plan.key, plan.manifest)  # type: ignore[arg-type]
-        except CacheEntryError as exc:
-            from .cache import Planner
-
-            store.remove(plan.key)  # type: ignore[arg-type]
-            Planner(self, store).corrupt(plan.stage, plan.key, str(exc))  # type: ignore[arg-type]
+            return Planner(self, store).load(plan)
+        except CacheEntryError:
             return self.run(targets=[plan.stage], progress=False)[plan.stage]
 
     def _configured_observers(self) -> list[Observer]:
         """Observers the config asks for (tracking), imported only when enabled."""
         tracking = self.spec.section("tracking")
-        if tracking and tracking.get("enabled", True) and tracking.get("backend", "off") != "off":
+        if tracking and tracking.get("enabled", True) and backend_name(tracking, "off") != "off":
             from .tracking import observer_from_config
 
             observer = observer_from_config(self, tracking)

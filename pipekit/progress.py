@@ -7,7 +7,7 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING
 
-from .events import FINAL_STATES, Observer, RunInfo, StageEvent, StatusBoard
+from .events import FINAL_STATES, Observer, RunInfo, StageEvent, StatusBoard, count_states
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -59,8 +59,7 @@ class TextProgress(Observer):
     def stage_changed(self, event: StageEvent) -> None:
         self.board.stage_changed(event)
         if event.state in FINAL_STATES:
-            total = len(self.board.state)
-            finished = sum(s in FINAL_STATES for s in self.board.state.values())
+            total, finished = len(self.board.state), self.board.finished
             seconds = f" {event.duration:.2f}s" if event.duration is not None else ""
             extra = f" ({event.reason})" if event.reason else ""
             if event.state == "failed" and event.error is not None:
@@ -75,7 +74,7 @@ class TextProgress(Observer):
 
     def run_finished(self, run: RunInfo, result: RunResult) -> None:
         self._clear()
-        counts = ", ".join(f"{n} {s}" for s, n in self.board.counts().items() if n)
+        counts = count_states(self.board.state.values())
         self._write(f"pipekit: {counts} in {time.perf_counter() - self._t0:.2f}s\n")
 
     def run_interrupted(self, run: RunInfo, error: BaseException) -> None:
@@ -83,9 +82,8 @@ class TextProgress(Observer):
         self._write(f"pipekit: run interrupted ({type(error).__name__})\n")
 
     def _bar(self) -> None:
-        counts = self.board.counts()
         total = max(len(self.board.state), 1)
-        finished = sum(counts[s] for s in FINAL_STATES)
+        finished = self.board.finished
         running = [n for n, s in self.board.state.items() if s == "running"]
         width = 30
         filled = int(width * finished / total)

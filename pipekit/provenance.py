@@ -123,9 +123,9 @@ class Lineage:
 
     def draw(self) -> Any:
         """The lineage as a `graphviz.Digraph` (upstream at the top)."""
-        import graphviz
+        from .viz import graphviz_module
 
-        graph = graphviz.Digraph(name="lineage", graph_attr={"rankdir": "TB"})
+        graph = graphviz_module().Digraph(name="lineage", graph_attr={"rankdir": "TB"})
         graph.attr("node", shape="box", style="rounded,filled", fontname="Helvetica")
         for node in self.nodes.values():
             label = f"{node.model}\nv{node.version}"
@@ -140,19 +140,17 @@ class Lineage:
         return graph
 
     def svg(self) -> bytes:
-        """The drawing as SVG; TrackingError when graphviz or its `dot` binary is missing."""
-        try:
-            return self.draw().pipe(format="svg")
-        except Exception as exc:
-            raise TrackingError(
-                f"cannot draw the lineage of {self.root}: {type(exc).__name__}: {exc} "
-                f"(install the graphviz Python package and the `dot` binary)"
-            ) from exc
+        """The drawing as SVG; GraphvizNotFoundError (saying how to install it) without Graphviz."""
+        from .viz import pipe
+
+        return pipe("dot", "svg", self.draw().source)
 
     def _repr_svg_(self) -> str | None:
+        from .errors import GraphvizNotFoundError
+
         try:
-            return self.draw().pipe(format="svg").decode()
-        except Exception:  # no graphviz or no dot binary: Jupyter shows the text instead
+            return self.svg().decode()
+        except GraphvizNotFoundError:  # Jupyter shows the text instead
             return None
 
 

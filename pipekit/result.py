@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .errors import StageError, did_you_mean, where
-from .events import State
+from .events import State, count_states
 
 
 class RunResult(Mapping[str, Any]):
@@ -98,8 +98,4 @@ class RunResult(Mapping[str, Any]):
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        counts: dict[str, int] = {}
-        for state in self.status.values():
-            counts[state] = counts.get(state, 0) + 1
-        shown = ", ".join(f"{n} {s}" for s, n in counts.items())
-        return f"<RunResult pipeline={self.pipeline!r} {shown}>"
+        return f"<RunResult pipeline={self.pipeline!r} {count_states(self.status.values())}>"

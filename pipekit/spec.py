@@ -238,3 +238,26 @@ def interpolated_keys(unresolved: Any) -> frozenset[str]:
         elif isinstance(item, str) and "${" in item:
             found.update(_INTERPOLATION.findall(item))
     return frozenset(found)
+
+
+def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as dotted names (`opt.lr`), as MLflow shows and `explain` diffs them."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flat_params(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def backend_name(section: Mapping[str, Any], default: str) -> str:
+    """The `backend` of a `tracking`/`cache` section, with every spelling of off as "off".
+
+    YAML reads a bare `off` as false, so `backend: off` arrives as False.
+    """
+    backend = section.get("backend", default)
+    if backend is None or backend is False or str(backend).lower() in ("off", "false", "none"):
+        return "off"
+    return str(backend)

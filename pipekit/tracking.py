@@ -20,7 +20,6 @@ is flushed before `Pipeline.run` returns, so no run is left RUNNING.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,10 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import TrackingConfigError, did_you_mean, where
-from .events import Observer, RunInfo, StageEvent
+from .events import Observer, RunInfo, StageEvent, count_states
+from .fingerprint import digest
 from .flavors import quiet, save_model
 from .metrics import numeric_items
 from .provenance import Lineage, lineage
+from .spec import backend_name, flat_params
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -105,9 +106,7 @@ def settings_from_config(pipeline: str, section: Mapping[str, Any]) -> TrackingS
                 f"{where(pipeline, key=f'tracking.{key}')} is not a tracking setting"
                 f"{did_you_mean(str(key), SETTINGS_KEYS)}; known: {', '.join(SETTINGS_KEYS)}"
             )
-    backend = section.get("backend", "off")
-    if backend is False or backend is None:  # YAML reads a bare `off` as false
-        backend = "off"
+    backend = backend_name(section, "off")
     if backend not in BACKENDS:
         raise TrackingConfigError(
             f"{where(pipeline, key='tracking.backend')} '{backend}' is unknown"
@@ -184,21 +183,13 @@ def _local_artifacts(uri: str) -> str | None:
 
 def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mappings as dotted keys (`train.C`), values as strings MLflow accepts."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, f"{name}."))
-        else:
-            flat[name] = _text(value)
-    return flat
+    return {name: _text(value) for name, value in flat_params(values, prefix).items()}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """A short, stable hash of the resolved config; where it is logged (`tracking`) is left out."""
     relevant = {k: v for k, v in config.items() if k not in ("tracking", "hydra")}
-    text = json.dumps(relevant, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest(json.dumps(relevant, sort_keys=True, default=str, separators=(",", ":")), 8)
 
 
 def git_commit(start: str | Path | None = None) -> str | None:
@@ -495,7 +486,7 @@ class MlflowObserver(Observer):
         _log_text(
             client, self.parent_run_id, where_to, _config_yaml(pipeline.spec.config), "config.yaml"
         )
-        svg = _dag_svg(pipeline, f"{self._hash}:{','.join(run.stages)}")
+        svg = _dag_svg(pipeline)
         if svg:
             _log_text(client, self.parent_run_id, where_to, svg, "dag.svg")
 
@@ -655,10 +646,7 @@ class MlflowObserver(Observer):
         if self.parent_run_id is None:
             return
         self._end_open_stages("KILLED", "the run ended before this stage finished")
-        counts: dict[str, int] = {}
-        for state in result.status.values():
-            counts[state] = counts.get(state, 0) + 1
-        tags = {f"{_TAG}status": ", ".join(f"{n} {s}" for s, n in counts.items())}
+        tags = {f"{_TAG}status": count_states(result.status.values())}
         skipped = [name for name, state in result.status.items() if state == "skipped"]
         if skipped:
             tags[f"{_TAG}skipped_stages"] = _text(",".join(skipped))
@@ -887,26 +875,12 @@ def _config_yaml(config: Mapping[str, Any]) -> str:
         return json.dumps(config, indent=2, default=str)
 
 
-def _dag_svg(pipeline: Pipeline, key: str) -> str | None:
-    """The drawn DAG, or None without pipekit.viz, graphviz or the dot binary.
-
-    Drawings are kept per (pipeline, config hash): re-runs skip the `dot` subprocess.
-    """
-    cache_key = (pipeline.name, key)
-    if cache_key in _SVGS:
-        return _SVGS[cache_key]
+def _dag_svg(pipeline: Pipeline) -> str | None:
+    """The drawn DAG (viz keeps drawings, so re-runs skip `dot`), or None without Graphviz."""
     try:
         from .viz import render
 
-        svg = render(pipeline, format="svg")
-        text = svg.decode() if isinstance(svg, bytes) else str(svg)
+        return str(render(pipeline, format="svg"))
     except Exception as exc:  # optional: tracking works without a drawing
         log.debug("pipekit tracking: no DAG drawing: %s", exc)
-        text = None
-    if len(_SVGS) > 32:
-        _SVGS.clear()
-    _SVGS[cache_key] = text
-    return text
-
-
-_SVGS: dict[tuple[str, str], str | None] = {}
+        return None

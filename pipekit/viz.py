@@ -72,15 +72,15 @@ def render(
         raise ValueError(f"format must be 'svg', 'png' or 'dot', got {format!r}")
     static = _static_source(pipeline, legend=status is not None)
     if status is None:
-        data = _pipe("dot", format, static, 0)
+        data = pipe("dot", format, static, 0)
     else:
         try:  # colour the cached layout; neato -n2 keeps its positions
             layout = _layout(static)
-            data = _pipe("neato", format, _with_status(layout, pipeline, status, reasons), 2)
+            data = pipe("neato", format, _with_status(layout, pipeline, status, reasons), 2)
         except GraphvizNotFoundError:
             raise
         except Exception:  # a Graphviz that cannot re-read its own layout: lay out again
-            data = _pipe("dot", format, _with_status(static, pipeline, status, reasons), 0)
+            data = pipe("dot", format, _with_status(static, pipeline, status, reasons), 0)
     return data.decode("utf-8") if format == "svg" else data
 
 
@@ -218,12 +218,11 @@ def _with_status(
 @functools.lru_cache(maxsize=32)
 def _layout(static: str) -> str:
     """The graph with positions (`dot -Tdot`): computed once per pipeline shape."""
-    return _pipe("dot", "dot", static, 0).decode("utf-8")
+    return pipe("dot", "dot", static, 0).decode("utf-8")
 
 
-@functools.lru_cache(maxsize=32)
-def _pipe(engine: str, format: str, source: str, no_op: int) -> bytes:
-    """Run a Graphviz engine; identical drawings (same source) are not drawn twice."""
+def graphviz_module() -> Any:
+    """The `graphviz` package, or GraphvizNotFoundError saying how to install it."""
     try:
         import graphviz
     except ImportError as exc:
@@ -231,6 +230,16 @@ def _pipe(engine: str, format: str, source: str, no_op: int) -> bytes:
             "drawing needs the graphviz Python package: pip install 'pipekit[notebook]'; "
             "`dot_source()` and `pipekit show --format dot` work without it"
         ) from exc
+    return graphviz
+
+
+@functools.lru_cache(maxsize=32)
+def pipe(engine: str, format: str, source: str, no_op: int = 0) -> bytes:
+    """Run a Graphviz engine on DOT `source`; identical drawings are not drawn twice.
+
+    Raises GraphvizNotFoundError (with install instructions) when `dot` is missing.
+    """
+    graphviz = graphviz_module()
     try:
         return graphviz.pipe(
             engine, format, source.encode("utf-8"), neato_no_op=no_op or None, quiet=True

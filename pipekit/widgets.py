@@ -9,12 +9,13 @@ import html
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .events import FINAL_STATES, Observer, RunInfo, StageEvent, StatusBoard
+from .events import Observer, RunInfo, StageEvent, StatusBoard, count_states
 
 if TYPE_CHECKING:
+    from .events import State
     from .pipeline import Pipeline
     from .result import RunResult
 
@@ -60,7 +61,6 @@ class LiveRun(Observer):
         self._timer: threading.Timer | None = None
         self._t0 = 0.0
         self._shown = False
-        self._drawing_error: str | None = None
 
     # --- observer hooks ---------------------------------------------------------------
 
@@ -81,7 +81,7 @@ class LiveRun(Observer):
         self.board.stage_changed(event)
         if event.state == "failed" and event.error is not None:
             self.errors[event.stage] = f"{type(event.error).__name__}: {event.error}"
-        finished = self.finished
+        finished = self.board.finished
         self.progress.value = finished
         self.progress.description = f"{finished}/{len(self.board.state)}"
         if event.state == "failed":
@@ -91,7 +91,7 @@ class LiveRun(Observer):
     def run_finished(self, run: RunInfo, result: RunResult) -> None:
         for stage, error in result.errors.items():
             self.errors.setdefault(stage, str(error.cause or error))
-        counts = ", ".join(f"{n} {s}" for s, n in self.board.counts().items() if n)
+        counts = count_states(self.board.state.values())
         seconds = time.perf_counter() - self._t0
         self.status.value = html.escape(f"{counts} in {seconds:.2f}s")
         self.progress.bar_style = "success" if result.ok else "danger"
@@ -103,11 +103,6 @@ class LiveRun(Observer):
         self._redraw(force=True)
 
     # --- state ------------------------------------------------------------------------
-
-    @property
-    def finished(self) -> int:
-        """Stages in a final state (done, cached, failed, skipped): the progress bar's value."""
-        return sum(state in FINAL_STATES for state in self.board.state.values())
 
     def rows(self) -> list[tuple[str, str, float | None, str]]:
         """The stage table as data: (stage, state, seconds so far or taken, note)."""
@@ -147,18 +142,8 @@ class LiveRun(Observer):
         self._last_draw = time.monotonic()
         self.draws += 1
         self.table.value = _table(self.rows())
-        if self.pipeline is None or self._drawing_error:
-            return
-        from .errors import GraphvizNotFoundError
-        from .viz import render
-
-        try:
-            svg = str(render(self.pipeline, "svg", self.board.state, self.board.reason))
-        except GraphvizNotFoundError as exc:  # keep the table and the bar; say why no DAG
-            self._drawing_error = str(exc)
-            self.graph.value = f"<pre>{html.escape(str(exc))}</pre>"
-            return
-        self.graph.value = _inline_svg(svg)
+        if self.pipeline is not None:
+            self.graph.value = _dag_html(self.pipeline, self.board.state, self.board.reason)
 
     def _show(self) -> None:
         from .progress import in_notebook
@@ -173,10 +158,21 @@ class LiveRun(Observer):
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-def _inline_svg(svg: str) -> str:
-    """SVG markup fit for an HTML widget: no XML prolog, scaled down to the output width."""
-    start = svg.find("<svg")
-    body = svg[start:] if start >= 0 else svg
+def _dag_html(
+    pipeline: Pipeline,
+    status: Mapping[str, State] | None = None,
+    reasons: Mapping[str, str] | None = None,
+) -> str:
+    """The drawn DAG for an HTML widget (no XML prolog, fit to the output width); without
+    Graphviz, why not and how to install it (the table and the bar still work)."""
+    from .errors import GraphvizNotFoundError
+    from .viz import render
+
+    try:
+        svg = str(render(pipeline, "svg", status, reasons))
+    except GraphvizNotFoundError as exc:
+        return f"<pre>{html.escape(str(exc))}</pre>"
+    body = svg[svg.find("<svg") :] if "<svg" in svg else svg
     return f'<div class="pipekit-dag" style="max-width:100%">{body}</div>'
 
 
@@ -256,7 +252,7 @@ class Panel:
                 self.results,
             ]
         )
-        self.live.graph.value = _inline_svg(_static_svg(pipeline))
+        self.live.graph.value = _dag_html(pipeline)
         self._changed()
 
     def changed(self) -> dict[str, Any]:
@@ -379,16 +375,6 @@ def _shell_quote(override: str) -> str:
     import shlex
 
     return override if re.fullmatch(r"[\w.=/,:+~@-]+", override) else shlex.quote(override)
-
-
-def _static_svg(pipeline: Pipeline) -> str:
-    from .errors import GraphvizNotFoundError
-    from .viz import render
-
-    try:
-        return str(render(pipeline, "svg"))
-    except GraphvizNotFoundError as exc:
-        return f"<pre>{html.escape(str(exc))}</pre>"
 
 
 def _results_table(result: RunResult) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,20 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+
+
+def run_pipekit(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 180, text: bool = True
+) -> subprocess.CompletedProcess:
+    """`pipekit <args>` in a subprocess (bounded by `timeout`), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipekit.cli", *args],
+        capture_output=True,
+        text=text,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def make(stages: dict[str, Any], name: str = "t", **top: Any) -> pk.Pipeline:

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import run_pipekit
+
 from pipekit.cache import CacheStore
 
 MEGABYTES = 48
@@ -114,22 +116,14 @@ def test_two_processes_share_one_cache_directory(tmp_path, cli_env):
 
 
 def test_sweep_jobs_reuse_upstream_entries(tmp_path, cli_env):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipekit.cli",
-            "run",
-            "-m",
-            "stages.train.params.C=0.1,1",
-            "tracking=off",
-            "executor=sync",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_pipekit(
+        "run",
+        "-m",
+        "stages.train.params.C=0.1,1",
+        "tracking=off",
+        "executor=sync",
         env=cli_env,
         cwd=tmp_path,
-        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     jobs = proc.stderr.split("pipekit: running")[1:]

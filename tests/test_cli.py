@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from conftest import run_pipekit as pipekit
 
 BASE = ["executor=sync", "tracking=off", "cache=off"]
-
-
-def pipekit(*args, env, cwd, timeout=180):
-    return subprocess.run(
-        [sys.executable, "-m", "pipekit.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-    )
 
 
 def test_help_lists_subcommands(cli_env, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_pipekit
 
 import pipekit as pk
 from pipekit.cli import main
@@ -589,17 +590,7 @@ def test_git_commit_reads_refs_without_git(tmp_path):
 
 
 def test_cli_run_says_where_the_run_was_tracked(store, tmp_path, cli_env):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipekit.cli", "run", "executor=sync", "cache=off"],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        timeout=180,
-    )
+    proc = run_pipekit("run", "executor=sync", "cache=off", env=cli_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     run_id = line.removeprefix("pipekit: tracked in MLflow run ").split()[0]

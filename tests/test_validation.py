@@ -4,11 +4,9 @@ the CLI reports each as one line on stderr and exits 2."""
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 
 import pytest
-from conftest import make
+from conftest import make, run_pipekit
 
 import pipekit as pk
 from pipekit import errors
@@ -239,13 +237,8 @@ def _yaml(data):
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_config_error_is_one_line_exit_2(case, user_conf, cli_env, tmp_path):
     conf = _write_case(user_conf, case)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipekit.cli", "validate", "-cd", str(conf), f"pipeline={case}"],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        timeout=120,
+    proc = run_pipekit(
+        "validate", "-cd", str(conf), f"pipeline={case}", env=cli_env, cwd=tmp_path, timeout=120
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -258,22 +251,8 @@ def test_cli_config_error_is_one_line_exit_2(case, user_conf, cli_env, tmp_path)
 
 def test_cli_verbose_shows_traceback(user_conf, cli_env, tmp_path):
     conf = _write_case(user_conf, "cycle")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipekit.cli",
-            "validate",
-            "--verbose",
-            "-cd",
-            str(conf),
-            "pipeline=cycle",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        timeout=120,
+    proc = run_pipekit(
+        "validate", "--verbose", "-cd", str(conf), "pipeline=cycle", env=cli_env, cwd=tmp_path
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "CycleError" in proc.stderr
@@ -289,14 +268,7 @@ def test_cli_verbose_shows_traceback(user_conf, cli_env, tmp_path):
     ],
 )
 def test_cli_bad_override_is_one_line_exit_2(override, fragment, cli_env, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipekit.cli", "validate", override],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    proc = run_pipekit("validate", override, env=cli_env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
@@ -304,21 +276,13 @@ def test_cli_bad_override_is_one_line_exit_2(override, fragment, cli_env, tmp_pa
 
 def test_cli_hydra_full_error_shows_traceback(user_conf, cli_env, tmp_path):
     conf = _write_case(user_conf, "unknown_input")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipekit.cli",
-            "validate",
-            "-cd",
-            str(conf),
-            "pipeline=unknown_input",
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_pipekit(
+        "validate",
+        "-cd",
+        str(conf),
+        "pipeline=unknown_input",
         env={**cli_env, "HYDRA_FULL_ERROR": "1"},
         cwd=tmp_path,
-        timeout=120,
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "UnknownStageError" in proc.stderr

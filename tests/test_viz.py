@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import make
+from conftest import make, run_pipekit
 
 from pipekit import viz
 from pipekit.errors import GraphvizNotFoundError, PipekitError
@@ -137,13 +135,7 @@ def test_missing_dot_names_the_install_commands(monkeypatch, tmp_path):
 
 
 def pipekit(*args, env, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "pipekit.cli", "show", *args, "tracking=off"],
-        capture_output=True,
-        env=env,
-        cwd=cwd,
-        timeout=120,
-    )
+    return run_pipekit("show", *args, "tracking=off", env=env, cwd=cwd, timeout=120, text=False)
 
 
 def test_show_writes_svg_and_png_files(cli_env, tmp_path):
