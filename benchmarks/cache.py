@@ -88,7 +88,7 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from pipekit.fingerprint import value_token
+    from pipekit.cache.fingerprint import value_token
 
     rows = opts.frame_mb * (1 << 20) // (8 * 4)
     rng = np.random.default_rng(0)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import compose, load
+from .config import compose
+from .core.events import Observer, RunInfo, StageEvent
+from .core.result import RunResult
 from .errors import (
     ConfigError,
     CycleError,
@@ -20,9 +22,7 @@ from .errors import (
     StageError,
     UnknownStageError,
 )
-from .events import Observer, RunInfo, StageEvent
-from .pipeline import Pipeline
-from .result import RunResult
+from .pipeline import Pipeline, load
 
 __version__ = "0.1.0"
 
@@ -43,7 +43,7 @@ __all__ = [
     "panel",
 ]
 
-_LAZY = {"panel": ("widgets", "panel"), "lineage": ("tracking", "lineage")}
+_LAZY = {"panel": ("panel", "panel"), "lineage": ("tracking.lineage", "lineage")}
 
 
 def __getattr__(name: str) -> Any:

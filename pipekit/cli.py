@@ -65,7 +65,7 @@ def option(name: str) -> Callable[[Callable], Callable]:
 
 @command("run", "run the pipeline (all stages, or --targets and what they need)")
 def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
-    from .progress import TextProgress
+    from .display.progress import TextProgress
 
     if getattr(args, "explain", False):
         return _explain(pipeline, args)
@@ -172,7 +172,8 @@ def _explain_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("cache", "list, prune or clear the stage cache (cache ls|prune|clear)", hydra=False)
 def _cache(args: argparse.Namespace) -> int:
-    from .cache import CacheStore, cache_listing, human_size, open_store, parse_duration, parse_size
+    from .cache.store import CacheStore, listing, open_store
+    from .core.text import human_size, parse_duration, parse_size
 
     if args.url:
         store = open_store({"backend": "fsspec", "url": args.url})
@@ -180,7 +181,7 @@ def _cache(args: argparse.Namespace) -> int:
         store = open_store({"backend": "local", "path": args.path})
     assert isinstance(store, CacheStore)
     if args.action == "ls":
-        print(cache_listing(store))
+        print(listing(store, _model_versions(store, args.uri)))
         return EXIT_OK
     if args.action == "prune":
         try:
@@ -220,7 +221,12 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     )
     where.add_argument("--url", help="an fsspec URL instead of --path, e.g. s3://bucket/cache")
     actions = parser.add_subparsers(dest="action", metavar="{ls,prune,clear}", required=True)
-    actions.add_parser("ls", parents=[where], help="list entries: stage, key, size, age")
+    ls = actions.add_parser("ls", parents=[where], help="list entries: stage, key, size, age")
+    ls.add_argument(
+        "--uri",
+        help="MLflow store whose model versions to show beside entries "
+        "(default: $MLFLOW_TRACKING_URI, or ./mlflow.db when it exists)",
+    )
     prune = actions.add_parser("prune", parents=[where], help="remove old entries")
     prune.add_argument("--older-than", metavar="AGE", help="e.g. 7d, 12h, 30m")
     prune.add_argument(
@@ -230,11 +236,29 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     clear.add_argument("-y", "--yes", action="store_true", help="do not ask")
 
 
-@command("validate", "check the config, edges, targets and signatures without running")
+def _model_versions(store: Any, uri: str | None) -> dict[str, str]:
+    """Cache key -> the model version it produced, read from MLflow's tags (when a store
+    is there to read: nothing is created)."""
+    from .tracking.settings import default_uri, sqlite_file
+
+    uri = uri or default_uri()
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        return {}
+    from .tracking.client import client_for, versions_by_cache_key
+
+    return versions_by_cache_key(client_for(uri))
+
+
+@command("validate", "check the whole config, edges, targets and signatures without running")
 def _validate(pipeline: Pipeline, args: argparse.Namespace) -> int:
     pipeline.validate()
-    print(f"pipeline '{pipeline.name}': {len(pipeline.stages)} stages, valid")
+    print(f"pipeline '{pipeline.name}': {len(pipeline.stages)} stages, valid{_from(pipeline)}")
     return EXIT_OK
+
+
+def _from(pipeline: Pipeline) -> str:
+    return f" (from {pipeline.source})" if pipeline.source else ""
 
 
 @command("show", "print the pipeline's DAG (text, or drawn: --format dot|svg|png)")
@@ -244,7 +268,7 @@ def _show(pipeline: Pipeline, args: argparse.Namespace) -> int:
     if fmt == "text":
         drawn: str | bytes = describe(pipeline.validate()) + "\n"
     else:
-        from .viz import render
+        from .display.render import render
 
         drawn = render(pipeline.validate(), format=fmt)
     data = drawn.encode() if isinstance(drawn, str) else drawn
@@ -274,7 +298,7 @@ def _show_arguments(parser: argparse.ArgumentParser) -> None:
 
 def describe(pipeline: Pipeline) -> str:
     """The DAG as text, in run order: stage, target, and where each input comes from."""
-    lines = [f"pipeline '{pipeline.name}' ({len(pipeline.stages)} stages)"]
+    lines = [f"pipeline '{pipeline.name}' ({len(pipeline.stages)} stages){_from(pipeline)}"]
     width = max(len(name) for name in pipeline.stages)
     for name in pipeline.graph.order():
         stage = pipeline.stages[name]
@@ -291,7 +315,7 @@ def describe(pipeline: Pipeline) -> str:
 def _lineage(args: argparse.Namespace) -> int:
     import json
 
-    from .provenance import lineage
+    from .tracking.lineage import lineage
 
     found = lineage(args.model, args.version, uri=args.uri)
     print(json.dumps(found.to_dict(), indent=2) if args.json else found)
@@ -333,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog=f"pipekit {name}", description=cmd.help, add_help=not cmd.hydra, allow_abbrev=False
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
+    if cmd.hydra:  # read here, not by Hydra: the user's directory goes *before* pipekit's
+        parser.add_argument("-cd", "--config-dir", help="your config directory (searched first)")
+        parser.add_argument("-cn", "--config-name", default="config", help="primary config name")
     for add in cmd.options:
         add(parser)
     if cmd.hydra:
@@ -344,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args, hydra_args = parser.parse_args(rest), []
     verbose = args.verbose = args.verbose or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    _project_importable()
     try:
         if cmd.hydra:
             return _run_hydra(cmd, args, hydra_args)
@@ -358,22 +386,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _project_importable() -> None:
+    """Stage modules of the project in the working directory import, as in a notebook."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+
+
 def _run_hydra(cmd: Command, args: argparse.Namespace, hydra_args: list[str]) -> int:
     """Run `cmd` as a Hydra app so every Hydra flag and `-m` sweep works as usual."""
     import hydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import conf_dir, describe_hydra_error
+    from .config import QUIET_HYDRA, describe_hydra_error, override_key, sources
 
+    flags = [a for a in hydra_args if a.startswith("-")]
+    overrides = [a for a in hydra_args if not a.startswith("-")]
+    found = sources(overrides, args.config_dir, args.config_name)
+    given = {override_key(o) for o in found.overrides}
+    quiet = [q for q in QUIET_HYDRA if override_key(q) not in given]
     codes: list[int] = []
 
-    @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+    @hydra.main(version_base=None, config_path=str(found.primary), config_name=found.config_name)
     def app(cfg: Any) -> None:
-        codes.append(_job(cmd, args, cfg))
+        codes.append(_job(cmd, args, cfg, found))
 
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [f"pipekit {cmd.name}", *hydra_args]
+    sys.argv = [f"pipekit {cmd.name}", *flags, *found.overrides, *quiet]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
     try:
         app()
@@ -393,18 +433,31 @@ def _run_hydra(cmd: Command, args: argparse.Namespace, hydra_args: list[str]) ->
     return max(codes, default=EXIT_OK)
 
 
-def _job(cmd: Command, args: argparse.Namespace, cfg: Any) -> int:
+def _job(cmd: Command, args: argparse.Namespace, cfg: Any, found: Any) -> int:
     """One Hydra job (one per sweep point): build the pipeline and run the handler."""
     from hydra.core.hydra_config import HydraConfig
 
+    from .config import QUIET_HYDRA, override_key
     from .pipeline import Pipeline
 
+    hydra_cfg = HydraConfig.get()
+    quiet = {override_key(q) for q in QUIET_HYDRA}
+    overrides = [
+        o
+        for o in hydra_cfg.overrides.task
+        if override_key(o) not in quiet and not override_key(o).startswith("hydra.searchpath")
+    ]
+    if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
+        sys.stderr.write(f"pipekit: sweep job #{hydra_cfg.job.num}: {' '.join(overrides)}\n")
     try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    try:
-        pipeline = Pipeline.from_config(cfg, overrides=overrides)
+        pipeline = Pipeline.from_config(
+            cfg,
+            overrides=overrides,
+            config_dir=args.config_dir,
+            config_name=args.config_name,
+            composed=True,
+            source=found.pipeline_file(hydra_cfg.runtime.choices.get("pipeline")),
+        )
         return cmd.handler(pipeline, args)
     except PipekitError as exc:
         if args.verbose:

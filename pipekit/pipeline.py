@@ -7,16 +7,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, OverrideError, StageError, where
-from .events import Observer, Observers, RunInfo, StageEvent
-from .execute import SCHEDULERS, Failed, Skipped, StageTimer, build_graph, compute
-from .graph import Graph, check_edges, check_targets
-from .result import RunResult
-from .spec import (
+from .config import command_line, composed, merge_overrides, override_key
+from .core.events import Observer, Observers, RunInfo
+from .core.graph import Graph, check_edges, check_targets
+from .core.result import RunResult
+from .core.spec import (
     TOP_LEVEL_KEYS,
     PipelineSpec,
     Stage,
@@ -24,9 +22,14 @@ from .spec import (
     interpolated_keys,
     parse_pipeline,
 )
+from .errors import ConfigError, OverrideError, where
+from .run.compile import GATHER_KEY, Value, build_graph, gather
+from .run.execute import SCHEDULERS, execute
 
 if TYPE_CHECKING:
-    from .cache import CacheStore, Plan, Planner, StagePlan
+    from .cache.plan import Plan, Planner
+    from .cache.store import CacheStore
+    from .tracking.observer import MlflowObserver
 
 
 class Pipeline:
@@ -40,16 +43,19 @@ class Pipeline:
         config_dir: str | Path | None = None,
         config_name: str = "config",
         composed: bool = False,
+        source: str | Path | None = None,
     ):
         self.spec = spec
         self.composed = composed  # made by Hydra composition (pk.load / the CLI)
         self.overrides = tuple(overrides)
         self.config_dir = config_dir
         self.config_name = config_name
+        #: the YAML file the pipeline was declared in, when composed from one
+        self.source = Path(source) if source else None
         self._graph: Graph | None = None
         self._funcs: dict[str, Callable[..., Any]] | None = None
         self._tasks: dict[str, tuple] | None = None
-        self._cache_parts: dict[str, str] | None = None
+        self._static_keys: dict[str, str] | None = None
         self.last_result: RunResult | None = None
 
     # --- construction -------------------------------------------------------------------
@@ -71,8 +77,6 @@ class Pipeline:
         Pipelines from `pk.load` are composed again by Hydra (so group swaps work);
         others get `key=value` overrides applied to their config.
         """
-        from .config import load, merge_overrides
-
         merged = merge_overrides(self.overrides, list(overrides))
         if self.composed:
             return load(
@@ -102,7 +106,7 @@ class Pipeline:
     def validate(self) -> Pipeline:
         """Check edges, cycles, targets and signatures; raise a ConfigError naming the fault."""
         if self._graph is None:
-            from .targets import resolve_all
+            from .core.targets import resolve_all
 
             with bulk_allocation():
                 graph = check_edges(self.spec)
@@ -111,7 +115,7 @@ class Pipeline:
             self._graph = graph
         return self
 
-    def plan(self, targets: Iterable[str] | None = None) -> list[str]:
+    def plan(self, targets: Iterable[str] | str | None = None) -> list[str]:
         """The stages a run of `targets` executes, in topological order."""
         graph = self.graph
         order = graph.order()
@@ -130,61 +134,69 @@ class Pipeline:
             return dict(self._tasks)
         return {name: self._tasks[name] for name in stages}
 
-    def to_delayed(self, targets: Iterable[str] | None = None) -> Any:
+    def to_delayed(self, targets: Iterable[str] | str | None = None) -> Any:
         """The run as one `dask.delayed.Delayed` yielding a tuple of the planned outputs."""
         from dask.delayed import Delayed
 
-        from .execute import GATHER_KEY, _gather
-
         stages = self.plan(targets)
         dsk = self.tasks(stages)
-        dsk[GATHER_KEY] = (_gather, *stages)
+        dsk[GATHER_KEY] = (gather, *stages)
         return Delayed(GATHER_KEY, dsk)
+
+    def command_line(self, command: str = "run", overrides: Sequence[str] = ()) -> str | None:
+        """The `pipekit <command>` line that composes this pipeline (plus `overrides`), as it
+        runs when pasted; None for a pipeline built from a mapping (no file composes it)."""
+        if not self.composed:
+            return None
+        merged = merge_overrides(self.overrides, list(overrides))
+        if not any(override_key(o) == "pipeline" for o in merged):
+            merged.insert(0, f"pipeline={self.name}")
+        return command_line(
+            command, merged, config_dir=self.config_dir, config_name=self.config_name
+        )
 
     # --- caching ------------------------------------------------------------------------
 
     def cache_store(self) -> CacheStore | None:
         """The stage cache the `cache` config section selects, or None when it is off."""
-        from .cache import open_store
+        from .cache.store import open_store
 
         return open_store(self.spec.section("cache"), pipeline=self.name)
 
     def explain(
-        self, targets: Iterable[str] | None = None, force: bool | Iterable[str] | None = None
+        self, targets: Iterable[str] | str | None = None, force: bool | Iterable[str] | None = None
     ) -> Plan:
         """What a run would compute or take from the cache, and why; runs nothing.
 
         E.g. `train  run  params changed: C 1.0 → 0.5`, `evaluate  run  upstream changed: train`.
         """
-        from .cache import Plan, Planner
+        from .cache.plan import Plan
 
         stages = self.plan(targets)
         store = self.cache_store()
-        planner = Planner(self, store)
+        planner = self._planner(store)
         plans = planner.decide(stages, force=self._forced(force), manifests=True, running=False)
         return Plan(self.name, [plans[s] for s in stages], store.display if store else None)
+
+    def _planner(self, store: CacheStore | None) -> Planner:
+        from .cache.plan import Planner, static_key_parts
+
+        if self._static_keys is None:
+            self._static_keys = static_key_parts(self.spec)
+        return Planner(self.spec, self._funcs or {}, self.graph, store, self._static_keys)
 
     def _forced(self, force: bool | Iterable[str] | None) -> bool | list[str]:
         if force is None or force is False:
             return []
         if force is True:
             return True
-        names = [force] if isinstance(force, str) else list(force)
-        return check_targets(self.spec, names)
-
-    def _cache_static(self) -> dict[str, str]:
-        """The fixed part of each stage's cache key, kept for this Pipeline's re-runs."""
-        if self._cache_parts is None:
-            from .cache import static_key_parts
-
-            self._cache_parts = static_key_parts(self)
-        return self._cache_parts
+        return check_targets(self.spec, force)
 
     # --- running ------------------------------------------------------------------------
 
     def run(
         self,
-        targets: Iterable[str] | None = None,
+        targets: Iterable[str] | str | None = None,
         executor: str | None = None,
         *,
         observers: Iterable[Observer] = (),
@@ -206,20 +218,16 @@ class Pipeline:
         scheduler = executor or settings.get("scheduler", "threads")
         if scheduler not in SCHEDULERS:
             raise ConfigError(
-                f"{where(self.name, key='executor')} '{scheduler}' is unknown; use one of "
-                f"{', '.join(SCHEDULERS)}"
+                f"{where(self.name, key='executor.scheduler')} '{scheduler}' is unknown; use "
+                f"one of {', '.join(SCHEDULERS)}"
             )
+        tracker = self._tracker()
         observer = Observers(
-            [*self._configured_observers(), *_progress_display(self, progress), *observers]
+            [tracker, *_progress_display(self.spec, progress), *observers]  # type: ignore[list-item]
         )
-        plans = planner = None
-        if store is not None:
-            from .cache import Planner
-
-            planner = Planner(self, store)
-            plans = planner.decide(stages, force=forced, manifests=bool(observer))
         run = RunInfo(
-            pipeline=self,
+            spec=self.spec,
+            graph=self.graph,
             stages=tuple(stages),
             executor=scheduler,
             run_id=uuid.uuid4().hex,
@@ -227,192 +235,83 @@ class Pipeline:
             overrides=self.overrides,
             cache=store,
         )
-        observer.run_started(run)
-        if observer:
-            now = time.perf_counter()
-            for name in stages:
-                observer.stage_changed(StageEvent(name, "pending", now))
-        try:
-            if plans is None:
-                dsk, computed, loaded = self.tasks(stages), stages, {}
-                timer = StageTimer(dsk, observer)
-            else:
-                dsk, computed, loaded, timer = self._cached_graph(stages, plans, planner, observer)
-            outputs = (
-                compute(
-                    dsk,
-                    computed,
-                    scheduler=scheduler,
-                    num_workers=settings.get("num_workers"),
-                    timer=timer,
-                )
-                if computed
-                else {}
-            )
-        except BaseException as exc:
-            observer.run_interrupted(run, exc)
-            raise
-        result = self._result(run, outputs, timer.durations, plans, loaded, store)
-        self.last_result = result
-        observer.run_finished(run, result)
-        if result.errors and raise_on_failure:
-            error = result.errors[result.failed[0]]
-            raise error
-        return result
-
-    def _cached_graph(
-        self,
-        stages: list[str],
-        plans: dict[str, StagePlan],
-        planner: Planner,
-        observer: Observers,
-    ) -> tuple[dict[str, Any], list[str], dict[str, Any], StageTimer]:
-        """The graph of the stages to compute, after loading the cached outputs they need.
-
-        Loads run in the driver, newest stage first: an entry that turns out corrupt is
-        recomputed instead (with a warning), which may need its own upstream outputs.
-        Cached outputs nobody needs stay on disk unless an observer wants them.
-        """
-        from .cache import REPLACED, StagePlan, StoreTask, Value
-        from .errors import CacheEntryError
-
-        store = planner.store
-        assert store is not None
-        spec = self.stages
-        cached = {s for s in stages if plans[s].action == "cached"}
-        if observer.wants_outputs:
-            needed = set(cached)
+        if store is None:
+            dsk, computed, cached, reasons, meta = self.tasks(stages), stages, {}, {}, {}
         else:
-            needed = {d for s in stages if s not in cached for d in spec[s].upstream} & cached
-        loaded: dict[str, Any] = {}
-        for name in reversed(stages):
-            if name not in needed or name not in cached:
-                continue
-            plan = plans[name]
-            try:
-                loaded[name] = planner.load(plan)
-            except CacheEntryError:
-                plans[name] = StagePlan(name, "run", REPLACED, plan.key)
-                cached.discard(name)
-                needed.update(d for d in spec[name].upstream if d in cached)
-        now = time.perf_counter()
-        for name in stages if observer else ():
-            plan = plans[name]
-            if plan.action == "cached":
-                meta = {"cache_key": plan.key, "manifest": plan.manifest or {}}
-                observer.stage_changed(
-                    StageEvent(
-                        name, "cached", now, output=loaded.get(name), reason=plan.reason, meta=meta
-                    )
-                )
-        computed = [s for s in stages if plans[s].action == "run"]
-        dsk = self.tasks(computed)
-        meta: dict[str, dict[str, Any]] = {}
-        if computed:
-            for name in computed:
-                if spec[name].cache:
-                    task, key = dsk[name], planner.keys[name]
-                    dsk[name] = (StoreTask(task[0], store, key, planner.info(name)), *task[1:])
-                    meta[name] = {"cache_key": key}
-            for name, value in loaded.items():
-                dsk[name] = (Value(value),)
-        reasons = {s: plans[s].reason for s in computed}
-        timer = StageTimer(dict.fromkeys(computed), observer, reasons=reasons, meta=meta)
-        return dsk, computed, loaded, timer
-
-    def _result(
-        self,
-        run: RunInfo,
-        outputs: Mapping[str, Any],
-        durations: Mapping[str, float],
-        plans: Mapping[str, StagePlan] | None = None,
-        loaded: Mapping[str, Any] | None = None,
-        store: CacheStore | None = None,
-    ) -> RunResult:
-        values, status, errors, reasons = {}, {}, {}, {}
-        lazy = {}
-        if plans is not None:  # status in plan order, then the computed stages' fates
-            loaded = loaded or {}
-            load = self._load_later
-            status = dict.fromkeys(run.stages, "cached")
-            reasons = {name: plan.reason for name, plan in plans.items()}
-            for name in run.stages:
-                if name in outputs:
-                    continue
-                if name in loaded:
-                    values[name] = loaded[name]
-                else:
-                    lazy[name] = partial(load, store, plans[name])
-        for name, output in outputs.items():
-            if isinstance(output, Failed):
-                status[name] = "failed"
-                errors[name] = stage_error(self.name, output)
-            elif isinstance(output, Skipped):
-                status[name] = "skipped"
-                reasons[name] = f"upstream stage '{output.because}' failed"
-            else:
-                status[name] = "done"
-                values[name] = output
-        result = RunResult(
-            self.name, values, status, durations, errors, run.run_id, reasons=reasons, lazy=lazy
+            planner = self._planner(store)
+            plans = planner.decide(stages, force=forced, manifests=bool(observer))
+            cached, computed = planner.prepare(stages, plans, observer.wants_outputs)
+            dsk = self.tasks(computed)
+            meta = planner.store_outputs(dsk, computed)
+            for name, hit in cached.items():
+                if hit.loaded:
+                    dsk[name] = (Value(hit.output),)
+            reasons = {s: plans[s].reason for s in computed}
+        result = execute(
+            run,
+            dsk,
+            computed,
+            observer,
+            cached=cached,
+            reasons=reasons,
+            meta=meta,
+            num_workers=settings.get("num_workers"),
         )
-        for error in errors.values():
-            error.result = result
+        if tracker is not None:
+            result.tracking.update(tracker.location())
+        self.last_result = result
+        if result.errors and raise_on_failure:
+            raise result.errors[result.failed[0]]
         return result
 
-    def _load_later(self, store: CacheStore, plan: StagePlan) -> Any:
-        """A cached output first read after the run; a corrupt entry is recomputed."""
-        from .cache import Planner
-        from .errors import CacheEntryError
-
-        try:
-            return Planner(self, store).load(plan)
-        except CacheEntryError:
-            return self.run(targets=[plan.stage], progress=False)[plan.stage]
-
-    def _configured_observers(self) -> list[Observer]:
-        """Observers the config asks for (tracking), imported only when enabled."""
+    def _tracker(self) -> MlflowObserver | None:
+        """The MLflow observer the `tracking` section asks for, imported only when enabled."""
         tracking = self.spec.section("tracking")
         if tracking and tracking.get("enabled", True) and backend_name(tracking, "off") != "off":
-            from .tracking import observer_from_config
+            from .tracking.observer import observer_from_config
 
-            observer = observer_from_config(self, tracking)
-            return [observer] if observer is not None else []
-        return []
+            return observer_from_config(self.name, tracking)
+        return None
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: {len(self.stages)} stages>"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         """Jupyter draws the DAG (SVG); without Graphviz's `dot` it shows the DOT text."""
-        from .viz import mimebundle
+        from .display.render import mimebundle
 
-        return mimebundle(self, include, exclude)
+        return mimebundle(self.spec, repr(self), include, exclude)
 
 
-def stage_error(pipeline: str, failed: Failed) -> StageError:
-    """A StageError naming the stage and its original exception."""
-    if isinstance(failed.error, StageError):
-        return failed.error
-    tries = f" (after {failed.attempts} attempts)" if failed.attempts > 1 else ""
-    error = StageError(
-        f"{where(pipeline, failed.stage)} failed{tries}: "
-        f"{type(failed.error).__name__}: {failed.error}",
-        pipeline=pipeline,
-        stage=failed.stage,
-        cause=failed.error,
-        traceback=failed.traceback,
+def load(
+    name: str | None = None,
+    overrides: Sequence[str] = (),
+    config_dir: str | Path | None = None,
+    config_name: str = "config",
+) -> Pipeline:
+    """Compose `pipeline=<name>` plus overrides and return the Pipeline (not yet run).
+
+    `config_dir` is searched before pipekit's own configs and needs no `config.yaml`.
+    """
+    selects = any(override_key(o) == "pipeline" for o in overrides)
+    extra = [f"pipeline={name}"] if name and not selects else []
+    cfg, source = composed([*extra, *overrides], config_dir=config_dir, config_name=config_name)
+    return Pipeline.from_config(
+        cfg,
+        overrides=[*extra, *overrides],
+        config_dir=config_dir,
+        config_name=config_name,
+        composed=True,
+        source=source,
     )
-    error.__cause__ = failed.error
-    return error
 
 
-def _progress_display(pipeline: Pipeline, progress: bool | str) -> list[Observer]:
+def _progress_display(spec: PipelineSpec, progress: bool | str) -> list[Observer]:
     if progress is False:
         return []
-    from .progress import auto_display
+    from .display.live import auto_display
 
-    display = auto_display(pipeline, force=progress is True)
+    display = auto_display(spec, force=progress is True)
     return [display] if display is not None else []
 
 

@@ -6,7 +6,6 @@ import importlib
 import json
 import pickle
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -14,10 +13,11 @@ import pytest
 from conftest import make
 
 import pipekit as pk
-from pipekit.cache import CacheStore, open_store, parse_duration, parse_size
+from pipekit.cache.store import CacheStore, open_store
 from pipekit.cli import main
-from pipekit.errors import CacheConfigError, CacheWarning, UnknownStageError
-from pipekit.events import Observer
+from pipekit.core.events import Observer
+from pipekit.core.text import parse_duration, parse_size
+from pipekit.errors import CacheConfigError, CacheEntryError, CacheWarning, UnknownStageError
 
 LOCAL = {"backend": "local", "path": ".pipekit/cache"}
 
@@ -161,7 +161,7 @@ def test_cached_events_carry_key_manifest_reason_and_output(tmp_path):
     assert final["a"].state == "cached" and final["a"].output == 1
     assert final["a"].reason.startswith("unchanged since")
     manifest = final["a"].meta["manifest"]
-    assert manifest["stage"] == "a" and manifest["annotations"] == {}
+    assert manifest["stage"] == "a" and manifest["metrics"] == {}
     assert final["a"].meta["cache_key"] == manifest["key"]
     assert final["c"].state == "done" and final["c"].reason == "params changed: value 1.0 → 2.0"
     assert final["c"].meta["cache_key"] in result.run_id or final["c"].meta["cache_key"]
@@ -263,25 +263,6 @@ def test_entry_layout_manifest_and_last_pointer(tmp_path):
         assert not [p for p in (root / folder).iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_annotate_merges_atomically_from_many_threads(tmp_path):
-    store = CacheStore(str(tmp_path / "c"))
-    store.put("k", [1, 2], {"pipeline": "p", "stage": "s"})
-    assert store.annotate("missing", {"x": 1}) is False
-
-    def note(thread):
-        for i in range(25):
-            assert store.annotate("k", {f"t{thread}.{i}": i})
-
-    threads = [threading.Thread(target=note, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    notes = store.manifest("k")["annotations"]
-    assert len(notes) == 200 and notes["t7.24"] == 24
-    assert store.load("k") == [1, 2]
-
-
 def test_a_truncated_entry_warns_is_recomputed_and_replaced(tmp_path):
     log = tmp_path / "log"
     ticking(log).run(progress=False)
@@ -316,11 +297,13 @@ def test_a_corrupt_entry_found_while_loading_is_recomputed(tmp_path):
     assert computed(log) == ["b", "c", "d"]
     assert result["d"] == 4.0
 
-    result = ticking(log).run(progress=False)  # d's old (c=1.0) entry is garbage too
-    with pytest.warns(CacheWarning, match="stage 'd'"):
-        assert result["d"] == 2.0
-    assert computed(log) == ["d"]
-    assert ticking(log).run(progress=False)["d"] == 2.0 and computed(log) == []
+    # d's old (c=1.0) entry is garbage too: reading it after the run names the stage and
+    # removes the entry, but runs nothing (no hidden pipeline run, no MLflow run)
+    result = ticking(log).run(progress=False)
+    with pytest.raises(CacheEntryError, match="stage 'd': its cached output is unusable"):
+        result["d"]
+    assert computed(log) == []
+    assert ticking(log).run(progress=False)["d"] == 2.0 and computed(log) == ["d"]
 
 
 def test_garbage_manifest_is_a_miss(tmp_path):
@@ -354,8 +337,7 @@ def test_fsspec_backend(tmp_path, url):
     store = open_store(cache)
     assert len(store.keys()) == 5
     key = next(iter(store.keys()))
-    assert store.annotate(key, {"mlflow_run_id": "r"})
-    assert store.manifest(key)["annotations"] == {"mlflow_run_id": "r"}
+    assert store.manifest(key)["key"] == key
     assert not [n for n in store.fs.listdir(store.entries_dir) if n.startswith(".tmp-")]
     if url.startswith("file://"):
         assert (tmp_path / "shared" / "values" / f"{key}.pkl").exists()
@@ -428,7 +410,7 @@ def test_explain_force_and_cache_commands(tmp_path, capsys, monkeypatch):
 # --- tracking -----------------------------------------------------------------------------
 
 
-def test_cache_hits_are_tagged_and_reuse_registered_model_versions(tmp_path, monkeypatch):
+def test_cache_hits_are_tagged_and_reuse_registered_model_versions(tmp_path, monkeypatch, capsys):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
     from test_tracking import runs_of
@@ -455,8 +437,10 @@ def test_cache_hits_are_tagged_and_reuse_registered_model_versions(tmp_path, mon
     assert children["evaluate"].data.metrics["roc_auc"] == pytest.approx(
         second["evaluate"]["roc_auc"]
     )
-    # the entries remember the runs and versions they came from
+    # MLflow's tags say which version each entry produced: `cache ls` shows it
     store = pk.load("cancer", overrides=overrides).cache_store()
     train = next(m for m in store.entries() if m["stage"] == "train")
-    assert train["annotations"]["model_version"] == "1"
-    assert train["annotations"]["mlflow_run_id"] == before["train"].info.run_id
+    assert client.get_model_version("cancer.train", "1").tags["pipekit.cache_key"] == train["key"]
+    assert main(["cache", "ls", "--uri", uri]) == 0
+    listed = capsys.readouterr().out
+    assert "cancer.train/1" in listed and "cancer.features/1" in listed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import run_pipekit
 
-from pipekit.cache import CacheStore
+from pipekit.cache.store import CacheStore
 
 MEGABYTES = 48
 STAGES = ("s1", "s2", "s3", "s4")

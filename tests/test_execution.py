@@ -6,8 +6,8 @@ import pytest
 from conftest import make
 
 import pipekit as pk
+from pipekit.core.events import Observer
 from pipekit.errors import OutputKeyError, StageError
-from pipekit.events import Observer
 
 EXECUTORS = ["sync", "threads", "processes"]
 

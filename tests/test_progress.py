@@ -6,7 +6,8 @@ import io
 
 from conftest import make
 
-from pipekit.progress import TextProgress, auto_display
+from pipekit.display.live import auto_display
+from pipekit.display.progress import TextProgress
 
 
 def test_text_progress_reports_each_stage_and_the_total():
@@ -43,4 +44,4 @@ def test_live_bar_redraws_in_place():
 
 def test_no_display_in_a_plain_script(monkeypatch):
     monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal, no Jupyter kernel
-    assert auto_display(make({"a": {"_target_": "const"}})) is None
+    assert auto_display(make({"a": {"_target_": "const"}}).spec) is None

@@ -16,9 +16,9 @@ from conftest import run_pipekit
 
 import pipekit as pk
 from pipekit.cli import main
+from pipekit.core.events import RunInfo, StageEvent
 from pipekit.errors import StageError, TrackingConfigError, TrackingError
-from pipekit.events import RunInfo, StageEvent
-from pipekit.tracking import MlflowObserver, config_hash, flatten_params, git_commit
+from pipekit.tracking.observer import MlflowObserver, config_hash, flatten_params, git_commit
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -377,59 +377,55 @@ def test_unreachable_server_warns_and_the_pipeline_still_runs(tmp_path, monkeypa
 # --- cache contract ---------------------------------------------------------------------
 
 
-class MemoryCache:
-    """The part of the stage cache the tracking observer uses: `annotate(key, dict)`."""
-
-    def __init__(self):
-        self.notes: dict[str, dict] = {}
-
-    def annotate(self, key, note):
-        self.notes.setdefault(key, {}).update(note)
-
-
-def test_cache_annotations_and_hits_reuse_model_versions(store):
+def test_cache_hits_link_to_the_version_their_entry_produced(store):
+    """A cached model stage links to the version registered from the same cache entry
+    (found by its `pipekit.cache_key` tag); an entry no version came from is registered."""
     from sklearn.preprocessing import StandardScaler
+
+    from pipekit.core.result import RunResult
 
     pipeline = tracked(
         {"fit": {"_target_": "core_stages.const", "params": {"value": 1}, "model": True}},
         store,
         "c",
     )
-    cache = MemoryCache()
     model = StandardScaler().fit([[0.0], [1.0]])
+    loads = []
+
+    def load():
+        loads.append(1)
+        return model
 
     def run(state: str, meta: dict) -> MlflowObserver:
         observer = MlflowObserver(store, experiment="c")
-        info = RunInfo(pipeline, ("fit",), "sync", f"run-{state}", time.time(), cache=cache)
+        assert observer.wants_outputs is False  # tracking never makes a run load outputs
+        info = RunInfo(pipeline.spec, pipeline.graph, ("fit",), "sync", f"run-{state}", time.time())
         observer.run_started(info)
         if state == "done":
             observer.stage_changed(StageEvent("fit", "running", time.perf_counter()))
+        output = model if state == "done" else None
         observer.stage_changed(
-            StageEvent("fit", state, time.perf_counter(), 0.1, output=model, meta=meta)
+            StageEvent("fit", state, time.perf_counter(), 0.1, output=output, meta=meta)
         )
-        from pipekit.result import RunResult
-
-        observer.run_finished(
-            info, RunResult("c", {"fit": model}, {"fit": state}, run_id=info.run_id)
-        )
+        observer.run_finished(info, RunResult("c", {}, {"fit": state}, run_id=info.run_id))
         return observer
 
     first = run("done", {"cache_key": "k1"})
-    assert cache.notes["k1"]["mlflow_run_id"] == first.stage_runs["fit"]
-    assert (cache.notes["k1"]["model_name"], cache.notes["k1"]["model_version"]) == ("c.fit", "1")
-
-    hit = run("cached", {"cache_key": "k1", "manifest": {"annotations": dict(cache.notes["k1"])}})
     client = MlflowClient(store)
+    registered = client.get_model_version("c.fit", "1")
+    assert registered.tags["pipekit.cache_key"] == "k1"
+
+    hit = run("cached", {"cache_key": "k1", "manifest": {}, "load": load})
     tags = client.get_run(hit.stage_runs["fit"]).data.tags
     assert tags["pipekit.cache_hit"] == "true"
     assert tags["pipekit.cache_source_run"] == first.stage_runs["fit"]
     assert tags["pipekit.model_version"] == "c.fit/1"
     assert [str(v.version) for v in client.search_model_versions("name='c.fit'")] == ["1"]
+    assert loads == []  # the version existed: the cached output was never read
 
-    # a hit without annotations (tracked elsewhere or not at all) registers a new version
-    bare = run("cached", {"cache_key": "k2"})
-    assert bare.versions["fit"] == ("c.fit", "2")
-    assert cache.notes["k2"]["model_version"] == "2"
+    # a hit whose entry produced no version (tracked elsewhere or not at all) registers one
+    bare = run("cached", {"cache_key": "k2", "manifest": {}, "load": load})
+    assert bare.versions["fit"] == ("c.fit", "2") and loads == [1]
     assert "RUNNING" not in all_statuses(store)
 
 
@@ -464,18 +460,18 @@ def test_bad_tracking_settings_name_the_key(store, overrides, message):
 
 
 def test_off_in_any_spelling_tracks_nothing(tmp_path, monkeypatch):
-    from pipekit.tracking import observer_from_config
+    from pipekit.tracking.observer import observer_from_config
 
     monkeypatch.chdir(tmp_path)
     pipeline = pk.load("cancer", overrides=["tracking=off"])
     for section in ({"backend": "off"}, {"backend": False}, {"backend": "local", "enabled": False}):
-        assert observer_from_config(pipeline, section) is None
+        assert observer_from_config(pipeline.name, section) is None
     pipeline.run(progress=False, targets=["collect_a"])
     assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_local_store_is_resolved_against_the_cwd_of_the_run(tmp_path, monkeypatch):
-    from pipekit.tracking import settings_from_config
+    from pipekit.tracking.settings import settings_from_config
 
     monkeypatch.chdir(tmp_path)
     settings = settings_from_config("p", {"backend": "local", "uri": "sqlite:///mlflow.db"})

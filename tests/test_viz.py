@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import make, run_pipekit
 
-from pipekit import viz
+from pipekit.display import dot, render
 from pipekit.errors import GraphvizNotFoundError, PipekitError
 
 STAGES = {
@@ -34,7 +34,7 @@ def node_line(source: str, name: str) -> str:
 
 
 def test_dot_source_draws_edges_labels_after_and_models(pipeline):
-    source = viz.dot_source(pipeline)
+    source = dot.dot_source(pipeline.spec)
     assert source.startswith('digraph "viz_demo" {')
     assert '"load" -> "left" [label="a←head"' in source
     assert '"load" -> "right" [label="a←tail"' in source
@@ -49,44 +49,44 @@ def test_dot_source_draws_edges_labels_after_and_models(pipeline):
 
 
 def test_dot_source_escapes_quotes_backslashes_and_newlines(pipeline):
-    line = node_line(viz.dot_source(pipeline), "join")
+    line = node_line(dot.dot_source(pipeline.spec), "join")
     assert 'joins \\"both\\" sides\\\\ <b>&amp;amp;</b>\\nsecond line' in line
-    svg = viz.render(pipeline, "svg")  # Graphviz parses it and escapes for XML
+    svg = render.render(pipeline.spec, "svg")  # Graphviz parses it and escapes for XML
     assert "joins &quot;both&quot; sides\\ &lt;b&gt;&amp;amp;&lt;/b&gt;&#10;second line" in svg
 
 
 def test_status_colours_classes_reasons_and_legend(pipeline):
     status = {"load": "cached", "left": "done", "right": "failed", "join": "skipped"}
-    source = viz.dot_source(pipeline, status, reasons={"load": "inputs unchanged"})
+    source = dot.dot_source(pipeline.spec, status, reasons={"load": "inputs unchanged"})
     status_part = source.split("// stage status")[1]
     for name, state in status.items():
         line = node_line(status_part, name)
-        assert f'fillcolor="{viz.STATE_COLORS[state]}"' in line
+        assert f'fillcolor="{dot.STATE_COLORS[state]}"' in line
         assert f'class="stage {state}"' in line
     assert "state: cached (inputs unchanged)" in node_line(status_part, "load")
     assert "dashed" in node_line(status_part, "load")  # cached looks greyed and dashed
     assert "pipekit:legend" in source
-    assert len(set(viz.STATE_COLORS.values())) == len(viz.STATE_COLORS)
+    assert len(set(dot.STATE_COLORS.values())) == len(dot.STATE_COLORS)
 
-    svg = viz.render(pipeline, "svg", status=status)
+    svg = render.render(pipeline.spec, "svg", status=status)
     for name, state in status.items():
         assert re.search(rf'<g id="stage&#45;{name}" class="node stage {state}">', svg), name
-    assert f'fill="{viz.STATE_COLORS["failed"]}"' in svg
-    for state in viz.STATE_COLORS:
+    assert f'fill="{dot.STATE_COLORS["failed"]}"' in svg
+    for state in dot.STATE_COLORS:
         assert f">{state}</text>" in svg  # the legend
 
 
 def test_render_svg_png_and_dot(pipeline):
-    svg = viz.render(pipeline, "svg")
+    svg = render.render(pipeline.spec, "svg")
     assert isinstance(svg, str) and svg.lstrip().startswith("<?xml")
     for name in STAGES:
         assert f"<title>{name}</title>" in svg
     assert "a←head" in svg
-    png = viz.render(pipeline, "png")
+    png = render.render(pipeline.spec, "png")
     assert isinstance(png, bytes) and png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert viz.render(pipeline, "dot") == viz.dot_source(pipeline)
+    assert render.render(pipeline.spec, "dot") == dot.dot_source(pipeline.spec)
     with pytest.raises(ValueError, match="format must be"):
-        viz.render(pipeline, "gif")  # type: ignore[arg-type]
+        render.render(pipeline.spec, "gif")  # type: ignore[arg-type]
 
 
 def test_live_renders_keep_the_layout(pipeline):
@@ -99,9 +99,15 @@ def test_live_renders_keep_the_layout(pipeline):
         return dict(found)
 
     names = list(STAGES)
-    first = positions(str(viz.render(pipeline, "svg", status=dict.fromkeys(names, "pending"))))
+    first = positions(
+        str(render.render(pipeline.spec, "svg", status=dict.fromkeys(names, "pending")))
+    )
     later = positions(
-        str(viz.render(pipeline, "svg", status={**dict.fromkeys(names, "done"), "join": "running"}))
+        str(
+            render.render(
+                pipeline.spec, "svg", status={**dict.fromkeys(names, "done"), "join": "running"}
+            )
+        )
     )
     assert set(first) == set(names) and first == later
 
@@ -121,13 +127,13 @@ def test_missing_dot_names_the_install_commands(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(empty))
     fresh = make(STAGES, name="no_dot_here")  # a source no earlier drawing has cached
     with pytest.raises(GraphvizNotFoundError) as info:
-        viz.render(fresh, "svg")
+        render.render(fresh.spec, "svg")
     message = str(info.value)
     for hint in ("apt-get install graphviz", "brew install graphviz", "conda install graphviz"):
         assert hint in message
     assert "dot_source()" in message and "pipekit show --format dot" in message
     assert isinstance(info.value, PipekitError) and info.value.exit_code == 1
-    assert '"load" -> "join" [style=dashed' in viz.dot_source(fresh)  # still works
+    assert '"load" -> "join" [style=dashed' in dot.dot_source(fresh.spec)  # still works
     bundle = fresh._repr_mimebundle_()  # Jupyter shows the DOT text instead of raising
     assert "image/svg+xml" not in bundle
     assert "apt-get install graphviz" in bundle["text/plain"]

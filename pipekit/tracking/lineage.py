@@ -7,15 +7,14 @@ through the MLflow registry and returns the chain as data, drawable with graphvi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .errors import TrackingError, did_you_mean
-
-_UPSTREAM = "pipekit.upstream."
+from ..display.render import graphviz_module, pipe
+from ..errors import GraphvizNotFoundError, TrackingError, did_you_mean
+from . import tags as tag
+from .settings import default_uri, sqlite_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +122,6 @@ class Lineage:
 
     def draw(self) -> Any:
         """The lineage as a `graphviz.Digraph` (upstream at the top)."""
-        from .viz import graphviz_module
-
         graph = graphviz_module().Digraph(name="lineage", graph_attr={"rankdir": "TB"})
         graph.attr("node", shape="box", style="rounded,filled", fontname="Helvetica")
         for node in self.nodes.values():
@@ -141,22 +138,13 @@ class Lineage:
 
     def svg(self) -> bytes:
         """The drawing as SVG; GraphvizNotFoundError (saying how to install it) without Graphviz."""
-        from .viz import pipe
-
         return pipe("dot", "svg", self.draw().source)
 
     def _repr_svg_(self) -> str | None:
-        from .errors import GraphvizNotFoundError
-
         try:
             return self.svg().decode()
         except GraphvizNotFoundError:  # Jupyter shows the text instead
             return None
-
-
-def default_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else the local store of `tracking=local` in the cwd."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def lineage(model: str, version: str | int | None = None, *, uri: str | None = None) -> Lineage:
@@ -207,16 +195,15 @@ def _split(model: str, version: str | int | None) -> tuple[str, str | None]:
 
 
 def _client(uri: str) -> Any:
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        path = Path(uri[len("sqlite:///") :].split("?", 1)[0]).expanduser()
-        if not path.is_file():
-            raise TrackingError(
-                f"no MLflow store at {uri} ({path.resolve()} does not exist); run a pipeline "
-                f"with `tracking=local` first, or pass uri=... / --uri / MLFLOW_TRACKING_URI"
-            )
-    from mlflow import MlflowClient
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise TrackingError(
+            f"no MLflow store at {uri} ({path.resolve()} does not exist); run a pipeline "
+            f"with `tracking=local` first, or pass uri=... / --uri / MLFLOW_TRACKING_URI"
+        )
+    from .client import client_for
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return client_for(uri)
 
 
 def _resolve(client: Any, model: str, version: str | None, uri: str) -> Any:
@@ -269,18 +256,14 @@ def _get_version(client: Any, model: str, version: str) -> Any:
 
 def _node(found: Any) -> VersionNode:
     tags = dict(found.tags or {})
-    upstream = []
-    for key, value in sorted(tags.items()):
-        if key.startswith(_UPSTREAM) and "/" in value:
-            name, _, number = value.rpartition("/")
-            upstream.append((name, number))
+    upstream = tag.upstream_versions(tags)
     return VersionNode(
         model=found.name,
         version=str(found.version),
         run_id=found.run_id or None,
-        parent_run_id=tags.get("pipekit.parent_run_id") or None,
-        stage=tags.get("pipekit.stage"),
-        config_hash=tags.get("pipekit.config_hash"),
+        parent_run_id=tags.get(tag.PARENT_RUN_ID) or None,
+        stage=tags.get(tag.STAGE),
+        config_hash=tags.get(tag.CONFIG_HASH),
         aliases=tuple(sorted(getattr(found, "aliases", ()) or ())),
         created=getattr(found, "creation_timestamp", None),
         upstream=tuple(upstream),

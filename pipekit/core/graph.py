@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import CycleError, SelfEdgeError, UnknownStageError, did_you_mean, where
+from ..errors import CycleError, SelfEdgeError, UnknownStageError, did_you_mean, where
 from .spec import PipelineSpec
 
 
@@ -127,9 +127,9 @@ def check_edges(spec: PipelineSpec) -> Graph:
     return graph
 
 
-def check_targets(spec: PipelineSpec, targets: Iterable[str]) -> list[str]:
-    """Validate names asked for in `targets`; return them as a list."""
-    targets = list(targets)
+def check_targets(spec: PipelineSpec, targets: Iterable[str] | str) -> list[str]:
+    """Validate names asked for in `targets` (one name or several); return them as a list."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
     for name in targets:
         if name not in spec.stages:
             raise UnknownStageError(

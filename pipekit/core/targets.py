@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from .errors import (
+from ..errors import (
     MissingArgumentError,
     TargetImportError,
     TargetNotCallableError,

@@ -1,32 +1,15 @@
-"""Graphviz drawings of a pipeline: the DAG, optionally coloured by stage status.
+"""The DAG in the DOT language, optionally coloured by stage status: pure Python.
 
-`dot_source()` is pure Python and needs no Graphviz at all; `render()` pipes it through
-Graphviz. Live displays re-render on every status change, so the layout (the slow part of
-`dot`) is computed once per pipeline shape and kept: colours are applied to the laid-out
-graph, which `neato -n2` draws at the given positions.
+Needs no Graphviz at all (paste the text into any DOT viewer); `render.py` draws it.
 """
 
 from __future__ import annotations
 
-import functools
 import html
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import GraphvizNotFoundError
-
-if TYPE_CHECKING:
-    from .events import State
-    from .pipeline import Pipeline
-    from .spec import Stage
-
-Format = Literal["svg", "png", "dot"]
-
-INSTALL_HINT = (
-    "install Graphviz: `apt-get install graphviz` (Debian/Ubuntu), `brew install graphviz` "
-    "(macOS) or `conda install graphviz`; `dot_source()` and `pipekit show --format dot` "
-    "work without it"
-)
+from ..core.spec import PipelineSpec, Stage
+from ..core.states import State
 
 #: Node attributes per stage state: fill, border and text colours, border style.
 STATE_STYLE: dict[str, dict[str, str]] = {
@@ -44,7 +27,7 @@ STATE_COLORS: dict[str, str] = {state: s["fillcolor"] for state, s in STATE_STYL
 
 
 def dot_source(
-    pipeline: Pipeline,
+    spec: PipelineSpec,
     status: Mapping[str, State] | None = None,
     reasons: Mapping[str, str] | None = None,
 ) -> str:
@@ -52,57 +35,8 @@ def dot_source(
 
     Works without Graphviz installed: paste it into any DOT viewer.
     """
-    static = _static_source(pipeline, legend=status is not None)
-    return _with_status(static, pipeline, status, reasons)
-
-
-def render(
-    pipeline: Pipeline,
-    format: Format = "svg",
-    status: Mapping[str, State] | None = None,
-    reasons: Mapping[str, str] | None = None,
-) -> str | bytes:
-    """The DAG drawn by Graphviz: SVG text, PNG bytes, or DOT text.
-
-    Raises GraphvizNotFoundError (with install instructions) when `dot` is missing.
-    """
-    if format == "dot":
-        return dot_source(pipeline, status, reasons)
-    if format not in ("svg", "png"):
-        raise ValueError(f"format must be 'svg', 'png' or 'dot', got {format!r}")
-    static = _static_source(pipeline, legend=status is not None)
-    if status is None:
-        data = pipe("dot", format, static, 0)
-    else:
-        try:  # colour the cached layout; neato -n2 keeps its positions
-            layout = _layout(static)
-            data = pipe("neato", format, _with_status(layout, pipeline, status, reasons), 2)
-        except GraphvizNotFoundError:
-            raise
-        except Exception:  # a Graphviz that cannot re-read its own layout: lay out again
-            data = pipe("dot", format, _with_status(static, pipeline, status, reasons), 0)
-    return data.decode("utf-8") if format == "svg" else data
-
-
-def mimebundle(
-    pipeline: Pipeline,
-    include: Any = None,
-    exclude: Any = None,
-) -> dict[str, str]:
-    """Jupyter's rich display of a pipeline: the SVG drawing, or the DOT text without `dot`."""
-    bundle = {"text/plain": repr(pipeline)}
-    try:
-        bundle["image/svg+xml"] = str(render(pipeline, "svg"))
-    except GraphvizNotFoundError as exc:
-        bundle["text/plain"] = f"{pipeline!r}\n# cannot draw: {exc}\n{dot_source(pipeline)}"
-    if include:
-        bundle = {k: v for k, v in bundle.items() if k in include}
-    if exclude:
-        bundle = {k: v for k, v in bundle.items() if k not in exclude}
-    return bundle
-
-
-# --- DOT text -----------------------------------------------------------------------------
+    static = static_source(spec, legend=status is not None)
+    return with_status(static, spec, status, reasons)
 
 
 def quote(text: object) -> str:
@@ -119,7 +53,7 @@ def short_target(target: str) -> str:
     return ".".join(target.split(".")[-2:])
 
 
-def _tooltip(pipeline: Pipeline, stage: Stage) -> str:
+def _tooltip(spec: PipelineSpec, stage: Stage) -> str:
     lines = [stage.name, stage.target]
     if stage.description:
         lines.append(stage.description)
@@ -127,7 +61,7 @@ def _tooltip(pipeline: Pipeline, stage: Stage) -> str:
         lines.append("params:")
         lines.extend(f"  {key} = {value!r}" for key, value in stage.params.items())
     if stage.model:
-        lines.append(f"model: registered as {pipeline.name}.{stage.name}")
+        lines.append(f"model: registered as {spec.name}.{stage.name}")
     return "\n".join(lines)
 
 
@@ -135,17 +69,17 @@ def _attrs(**attrs: object) -> str:
     return "[" + ", ".join(f"{key}={quote(value)}" for key, value in attrs.items()) + "]"
 
 
-def _static_source(pipeline: Pipeline, legend: bool) -> str:
+def static_source(spec: PipelineSpec, legend: bool) -> str:
     """The uncoloured graph (cheap to build: the layout, not this, is what gets cached)."""
     out = [
-        f"digraph {quote(pipeline.name)} {{",
+        f"digraph {quote(spec.name)} {{",
         "  graph "
         + _attrs(
             rankdir="TB",
             ranksep="0.3",
             nodesep="0.25",
             fontname="Helvetica",
-            tooltip=f"pipeline {pipeline.name}",
+            tooltip=f"pipeline {spec.name}",
         )
         + ";",
         '  node [shape=box, style="rounded,filled", fillcolor="#ffffff", color="#424242", '
@@ -153,16 +87,16 @@ def _static_source(pipeline: Pipeline, legend: bool) -> str:
         '  edge [fontname="Helvetica", fontsize=9, color="#757575", fontcolor="#616161", '
         "arrowsize=0.7];",
     ]
-    for name, stage in pipeline.stages.items():
+    for name, stage in spec.stages.items():
         label = (
             f"<<b>{html.escape(name)}</b><br/>"
             f'<font point-size="9" color="#757575">{html.escape(short_target(stage.target))}'
             "</font>>"
         )
         extra = ", peripheries=2" if stage.model else ""
-        attrs = _attrs(tooltip=_tooltip(pipeline, stage), id=f"stage-{name}", **{"class": "stage"})
+        attrs = _attrs(tooltip=_tooltip(spec, stage), id=f"stage-{name}", **{"class": "stage"})
         out.append(f"  {quote(name)} [label={label}{extra}, {attrs[1:]};")
-    for name, stage in pipeline.stages.items():
+    for name, stage in spec.stages.items():
         for arg, ref in stage.inputs.items():
             label = arg if not ref.key or ref.key == arg else f"{arg}←{ref.key}"
             tip = f"{ref} -> {name}({arg})"
@@ -185,9 +119,9 @@ def _static_source(pipeline: Pipeline, legend: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def _with_status(
+def with_status(
     graph: str,
-    pipeline: Pipeline,
+    spec: PipelineSpec,
     status: Mapping[str, State] | None,
     reasons: Mapping[str, str] | None,
 ) -> str:
@@ -197,10 +131,10 @@ def _with_status(
     reasons = reasons or {}
     lines = ["  // stage status"]
     for name, state in status.items():
-        stage = pipeline.stages.get(name)
+        stage = spec.stages.get(name)
         if stage is None or state not in STATE_STYLE:
             continue
-        tip = f"{_tooltip(pipeline, stage)}\nstate: {state}"
+        tip = f"{_tooltip(spec, stage)}\nstate: {state}"
         if reasons.get(name):
             tip += f" ({reasons[name]})"
         style = "rounded,filled" + (f",{_STATE_BORDER[state]}" if state in _STATE_BORDER else "")
@@ -210,41 +144,3 @@ def _with_status(
         lines.append(f"  {quote(name)} {attrs};")
     end = graph.rstrip().rfind("}")
     return graph[:end] + "\n".join(lines) + "\n}\n"
-
-
-# --- Graphviz ----------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=32)
-def _layout(static: str) -> str:
-    """The graph with positions (`dot -Tdot`): computed once per pipeline shape."""
-    return pipe("dot", "dot", static, 0).decode("utf-8")
-
-
-def graphviz_module() -> Any:
-    """The `graphviz` package, or GraphvizNotFoundError saying how to install it."""
-    try:
-        import graphviz
-    except ImportError as exc:
-        raise GraphvizNotFoundError(
-            "drawing needs the graphviz Python package: pip install 'pipekit[notebook]'; "
-            "`dot_source()` and `pipekit show --format dot` work without it"
-        ) from exc
-    return graphviz
-
-
-@functools.lru_cache(maxsize=32)
-def pipe(engine: str, format: str, source: str, no_op: int = 0) -> bytes:
-    """Run a Graphviz engine on DOT `source`; identical drawings are not drawn twice.
-
-    Raises GraphvizNotFoundError (with install instructions) when `dot` is missing.
-    """
-    graphviz = graphviz_module()
-    try:
-        return graphviz.pipe(
-            engine, format, source.encode("utf-8"), neato_no_op=no_op or None, quiet=True
-        )
-    except graphviz.ExecutableNotFound as exc:
-        raise GraphvizNotFoundError(
-            f"cannot draw the pipeline: Graphviz's `dot` program is not on PATH; {INSTALL_HINT}"
-        ) from exc

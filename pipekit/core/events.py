@@ -1,8 +1,9 @@
 """Stage lifecycle events: the one seam between execution and its observers.
 
-The executor emits `pending -> running -> done | cached | failed | skipped` for each
-stage, framed by `run_started` / `run_finished`. Tracking, drawing, widgets and progress
-displays subclass `Observer`; the executor never imports them.
+The run layer emits `pending -> running -> done | cached | failed | skipped` for each
+stage, framed by `run_started` / `run_finished`, and is the only emitter. Tracking,
+drawing, widgets and progress displays subclass `Observer`; the executor never imports
+them, and observers hand nothing back into the run.
 """
 
 from __future__ import annotations
@@ -11,25 +12,14 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
-    from .result import RunResult
-
-State = Literal["pending", "running", "done", "cached", "failed", "skipped"]
-STATES: tuple[State, ...] = ("pending", "running", "done", "cached", "failed", "skipped")
-FINAL_STATES = frozenset({"done", "cached", "failed", "skipped"})
+from .graph import Graph
+from .result import RunResult
+from .spec import PipelineSpec
+from .states import FINAL_STATES, STATES, State
 
 log = logging.getLogger(__name__)
-
-
-def count_states(states: Iterable[str]) -> str:
-    """`2 done, 1 failed`: how many stages are in each state, in lifecycle order."""
-    counts = dict.fromkeys(STATES, 0)
-    for state in states:
-        counts[state] = counts.get(state, 0) + 1  # type: ignore[index]
-    return ", ".join(f"{n} {s}" for s, n in counts.items() if n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +40,10 @@ class StageEvent:
 
 @dataclass(frozen=True, slots=True)
 class RunInfo:
-    """What observers learn when a run starts."""
+    """What observers learn when a run starts: the pipeline as plain data, and the plan."""
 
-    pipeline: Pipeline
+    spec: PipelineSpec
+    graph: Graph
     stages: tuple[str, ...]
     executor: str
     run_id: str
@@ -60,6 +51,11 @@ class RunInfo:
     overrides: tuple[str, ...] = ()
     #: the stage cache store of this run, or None when caching is off
     cache: Any = None
+
+    @property
+    def name(self) -> str:
+        """The pipeline's name."""
+        return self.spec.name
 
 
 class Observer:

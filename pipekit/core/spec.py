@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .errors import (
+from ..errors import (
     ConfigTypeError,
     DuplicateArgumentError,
     EmptyPipelineError,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .errors import StageError, did_you_mean, where
-from .events import State, count_states
+from ..errors import StageError, did_you_mean, where
+from .states import State, count_states
 
 
 class RunResult(Mapping[str, Any]):

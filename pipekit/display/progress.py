@@ -1,17 +1,14 @@
-"""Progress displays for runs: pick the right one for where the code runs."""
+"""Text progress for terminals, and where code runs (a Jupyter kernel or not)."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
-from .events import FINAL_STATES, Observer, RunInfo, StageEvent, StatusBoard, count_states
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
-    from .result import RunResult
+from ..core.events import Observer, RunInfo, StageEvent, StatusBoard
+from ..core.result import RunResult
+from ..core.states import FINAL_STATES, count_states
 
 
 def in_notebook() -> bool:
@@ -21,20 +18,6 @@ def in_notebook() -> bool:
         return False
     ip = shell.get_ipython()  # type: ignore[attr-defined]
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
-
-
-def auto_display(pipeline: Pipeline, *, force: bool = False) -> Observer | None:
-    """Live DAG in Jupyter, a text bar in a terminal, nothing in a plain script."""
-    if in_notebook():
-        try:
-            from .widgets import LiveRun
-
-            return LiveRun(pipeline)
-        except ImportError:
-            pass
-    if force or (sys.stderr.isatty() and not os.environ.get("CI")):
-        return TextProgress(sys.stderr)
-    return None
 
 
 class TextProgress(Observer):
@@ -52,8 +35,7 @@ class TextProgress(Observer):
         self.board.run_started(run)
         self._t0 = time.perf_counter()
         self._write(
-            f"pipekit: running {len(run.stages)} stages of '{run.pipeline.name}' "
-            f"on {run.executor}\n"
+            f"pipekit: running {len(run.stages)} stages of '{run.name}' on {run.executor}\n"
         )
 
     def stage_changed(self, event: StageEvent) -> None:

@@ -1,0 +1,1 @@
+"""Display: DOT text (pure), Graphviz rendering, text progress and the live Jupyter view."""

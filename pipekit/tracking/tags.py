@@ -1,0 +1,50 @@
+"""The MLflow tag schema: every tag pipekit writes on runs and model versions, and reads
+back (lineage, cache hits, `pipekit cache ls`), named once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+PREFIX = "pipekit."
+
+# runs (parent and stage)
+PIPELINE = "pipekit.pipeline"
+STAGE = "pipekit.stage"
+RUN_ID = "pipekit.run_id"  # pipekit's id of the pipeline run, shared by its MLflow runs
+CONFIG_HASH = "pipekit.config_hash"
+OVERRIDES = "pipekit.overrides"
+EXECUTOR = "pipekit.executor"
+STAGES = "pipekit.stages"
+GIT_COMMIT = "pipekit.git_commit"
+TARGET = "pipekit.target"
+STATUS = "pipekit.status"
+ERROR = "pipekit.error"
+FAILED_STAGES = "pipekit.failed_stages"
+SKIPPED_STAGES = "pipekit.skipped_stages"
+CACHE_HIT = "pipekit.cache_hit"
+CACHE_SOURCE_RUN = "pipekit.cache_source_run"  # the stage run that computed a cached output
+CACHE_KEY = "pipekit.cache_key"  # the cache entry a stage run or model version belongs to
+MODEL_VERSION = "pipekit.model_version"
+MODEL_ERROR = "pipekit.model_error"
+PROMOTED = "pipekit.promoted"
+PROMOTE_ERROR = "pipekit.promote_error"
+
+# model versions
+PARENT_RUN_ID = "pipekit.parent_run_id"
+FLAVOR = "pipekit.flavor"
+UPSTREAM = "pipekit.upstream."  # + stage name: "<model>/<version>" it consumed
+
+
+def upstream(stage: str) -> str:
+    """The tag naming the version of upstream model stage `stage` a version consumed."""
+    return f"{UPSTREAM}{stage}"
+
+
+def upstream_versions(tags: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(model, version) pairs a model version's tags say it consumed, sorted."""
+    found = []
+    for key, value in sorted(tags.items()):
+        if key.startswith(UPSTREAM) and "/" in value:
+            name, _, number = value.rpartition("/")
+            found.append((name, number))
+    return found
