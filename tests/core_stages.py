@@ -75,9 +75,27 @@ def fail_if(path: str, x=0):
     return x + 1
 
 
-def blob(megabytes: int, fill: int, x=None, pause: float = 0.0):
-    """A big deterministic output (kill tests land during its cache write)."""
+def blob(megabytes: int, fill: int, x=None, pause: float = 0.0, marker: str = ""):
+    """A big deterministic output. With `marker`, the output is `[data, PausedWrite]`: its
+    cache write stops half-way, announced by the marker file (kill tests land there)."""
+    if isinstance(x, list):
+        x = x[0]
     if x is not None:
         assert len(x) == megabytes << 20 and x[:1] == bytes([fill - 1]), "bad upstream value"
     time.sleep(pause)
-    return bytes([fill]) * (megabytes << 20)
+    data = bytes([fill]) * (megabytes << 20)
+    return [data, PausedWrite(marker)] if marker else data
+
+
+class PausedWrite:
+    """Pickles to nothing, but while being pickled writes `marker` and sleeps: whatever was
+    pickled before it (a big bytes object) is already on disk, the rest is not."""
+
+    def __init__(self, marker: str = ""):
+        self.marker = marker
+
+    def __reduce__(self):
+        if self.marker:
+            Path(self.marker).write_text("writing")
+            time.sleep(60)
+        return (PausedWrite, ())

@@ -81,6 +81,7 @@ def lab(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
             "--ServerApp.terminals_enabled=False",
+            "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: drive commands, not menus
             *(["--allow-root"] if os.geteuid() == 0 else []),
         ],
         cwd=root,
@@ -118,10 +119,16 @@ def lab(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
 
 
 def run_all_cells(page: Any, prompts: Any) -> None:
-    """Menu Run > Run All Cells; again if a just-connected kernel dropped the request."""
+    """JupyterLab's own `notebook:run-all-cells` command (what the Run menu calls), through
+    its command registry: no menu to click on a slow machine. Again if a just-connected
+    kernel dropped the request."""
+    page.wait_for_function(
+        "() => window.jupyterapp && window.jupyterapp.commands"
+        " && window.jupyterapp.commands.isEnabled('notebook:run-all-cells')",
+        timeout=90_000,
+    )
     for _attempt in range(3):
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
         for _ in range(40):  # up to 20 s for the first cell to be queued or run
             if any(text.strip() != "[ ]:" for text in prompts.all_inner_texts()):
                 return
