@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean airflow
 
 # Debian packages: graphviz (the `dot` binary) and, for the browser test, chromium.
 SYSTEM_PACKAGES := $(if $(shell command -v dot),,graphviz) $(if $(shell command -v chromium),,chromium)
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/pipekit run
 
-test: setup
+test: setup airflow
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
@@ -40,8 +40,23 @@ format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Apache Airflow in its own virtual environment (its pins clash with ML libraries), with
+# pipekit installed into it: tests/test_airflow.py runs `airflow dags test` there.
+AIRFLOW_VERSION := 3.3.2
+AIRFLOW_VENV    := .airflow-venv
+AIRFLOW_STAMP   := $(AIRFLOW_VENV)/.installed-$(AIRFLOW_VERSION)
+
+airflow: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP): pyproject.toml
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install -q "apache-airflow==$(AIRFLOW_VERSION)" -e ".[tracking,cache]" graphviz
+	rm -f $(AIRFLOW_VENV)/.installed-*
+	touch $@
+
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) .pipekit outputs multirun mlruns mlflow.db .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) .pipekit outputs multirun mlruns mlflow.db .pytest_cache

@@ -41,9 +41,14 @@ __all__ = [
     "lineage",
     "load",
     "panel",
+    "sweep",
 ]
 
-_LAZY = {"panel": ("panel", "panel"), "lineage": ("tracking.lineage", "lineage")}
+_LAZY = {
+    "panel": ("panel", "panel"),
+    "lineage": ("tracking.lineage", "lineage"),
+    "sweep": ("sweep", "sweep"),  # DAG-aware sweeps: one merged graph (pipekit/sweep.py)
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,5 +57,8 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        # importing `pipekit.sweep` binds the *module* as `pipekit.sweep`: rebind the function
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'pipekit' has no attribute {name!r}")

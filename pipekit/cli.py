@@ -3,7 +3,8 @@
 `pipekit <command> [options] [hydra overrides and flags]`. Hydra commands compose the
 config exactly as Hydra apps do (`-m` sweeps, `-cd/--config-dir`, `-cn/--config-name`,
 `--cfg job`, `hydra/launcher=...`); errors print as one line unless `--verbose` or
-`HYDRA_FULL_ERROR=1`. Exit codes: 0 ok, 1 a stage failed, 2 a config or usage error.
+`HYDRA_FULL_ERROR=1`. Exit codes: 0 ok, 1 a stage failed, 2 a config or usage error,
+130/143 interrupted by SIGINT/SIGTERM (the run stopped cleanly: see `_Signals`).
 
 Other modules add subcommands with `@command(...)`; handlers of Hydra commands receive
 the composed `Pipeline`, the others only their parsed options.
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import PipekitError, did_you_mean
+from .errors import PipekitError, RunSkipped, did_you_mean
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -65,29 +66,46 @@ def option(name: str) -> Callable[[Callable], Callable]:
 
 @command("run", "run the pipeline (all stages, or --targets and what they need)")
 def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    from .core.redact import scrub  # URL passwords stay out of terminals and CI logs
     from .display.progress import TextProgress
 
     if getattr(args, "explain", False):
         return _explain(pipeline, args)
     targets = _split(args.targets)
-    result = pipeline.run(
-        targets=targets or None,
-        observers=[] if args.quiet else [TextProgress(sys.stderr)],
-        progress=False,
-        raise_on_failure=False,
-        **_run_options(args),
-    )
-    for stage, metrics in result.metrics().items():
+    progress = TextProgress(sys.stderr, report_interrupt=False)  # `main` reports it, once
+    try:
+        result = pipeline.run(
+            targets=targets or None,
+            observers=[] if args.quiet else [progress],
+            progress=False,
+            raise_on_failure=False,
+            **_run_options(args),
+        )
+    except RunSkipped as skipped:  # `concurrency: skip` and the previous run still going
+        sys.stderr.write(f"pipekit: {skipped}\n")
+        return EXIT_OK
+    for stage, metrics in result.metrics().items():  # cached ones from their manifests
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         print(f"{stage}: {shown}")
-    if result.tracking and not args.quiet:
-        sys.stderr.write(f"pipekit: {_tracked_where(result.tracking)}\n")
+    tracking = result.tracking
+    if "mlflow_run_id" in tracking and not args.quiet:
+        sys.stderr.write(f"pipekit: {scrub(_tracked_where(tracking))}\n")
+    tracking_error = tracking.get("tracking_error")
+    if tracking_error:  # even with --quiet: a run missing from MLflow is never silent
+        missing = (
+            f"the run's results are incomplete in MLflow run {tracking['mlflow_run_id']}"
+            if "mlflow_run_id" in tracking
+            else "the run's results are not in MLflow"
+        )
+        sys.stderr.write(f"pipekit: tracking failed: {scrub(tracking_error)}; {missing}\n")
     if result.errors:
         first = result.errors[result.failed[0]]
         if args.verbose and first.traceback:
             sys.stderr.write(first.traceback)
         _error(str(first))
         return EXIT_STAGE_FAILED
+    if tracking_error and tracking.get("on_error") == "fail":
+        return EXIT_STAGE_FAILED  # tracking.on_error=fail
     return EXIT_OK
 
 
@@ -109,6 +127,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         "-t", "--targets", help="comma-separated stages to run (with their upstream)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--best",
+        metavar="METRIC",
+        help="with -m: rank sweep jobs by stage.key (evaluate.accuracy; :min for lowest)",
+    )
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,13 +213,16 @@ def _cache(args: argparse.Namespace) -> int:
         except ValueError as exc:
             _error(str(exc))
             return EXIT_USAGE
-        removed, freed = store.prune(older, size)
+        _adopted(store, args.action)
+        removed = store.prune(older, size)
         left = store.entries()
         print(
-            f"cache {store.display}: removed {removed} entries ({human_size(freed)}); "
-            f"{len(left)} left ({human_size(sum(int(e.get('size') or 0) for e in left))})"
+            f"cache {store.display}: removed {removed.entries} entries, {removed.files} files "
+            f"({human_size(removed.bytes)}); {len(left)} left "
+            f"({human_size(sum(int(e.get('size') or 0) for e in left))})"
         )
         return EXIT_OK
+    _adopted(store, args.action)  # not pipekit's directory: exit 2 before asking anything
     count = len(store.keys())
     if not args.yes:
         if not sys.stdin.isatty():
@@ -208,9 +234,22 @@ def _cache(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing removed")
             return EXIT_OK
-    store.clear()
-    print(f"cache {store.display}: removed {count} entries")
+    removed = store.clear()
+    print(
+        f"cache {store.display}: removed {removed.entries} entries, {removed.files} files "
+        f"({human_size(removed.bytes)})"
+    )
     return EXIT_OK
+
+
+def _adopted(store: Any, action: str) -> None:
+    """`store.claim` for clear/prune, saying so when a cache from before the marker file
+    was adopted (CacheNotOursError when the directory is not pipekit's)."""
+    if store.claim(action):
+        sys.stderr.write(
+            f"pipekit: {store.display} is a cache from an older pipekit (no marker file); "
+            f"adopted it\n"
+        )
 
 
 @option("cache")
@@ -270,7 +309,7 @@ def _show(pipeline: Pipeline, args: argparse.Namespace) -> int:
     else:
         from .display.render import render
 
-        drawn = render(pipeline.validate(), format=fmt)
+        drawn = render(pipeline.validate().spec, format=fmt)
     data = drawn.encode() if isinstance(drawn, str) else drawn
     if output and output != "-":
         with open(output, "wb") as out:
@@ -334,6 +373,241 @@ def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--svg", metavar="FILE", help="also draw it into FILE (graphviz)")
 
 
+# --- export: the pipeline for another system (`export airflow`, `export mlflow`) ----------
+
+#: `pipekit export <target>`: target -> handler `(pipeline, args) -> exit code`. A target
+#: adds its row here and its own options with `@option("export")`; `-o` is shared.
+EXPORTS: dict[str, Callable[..., int]] = {}
+
+
+@command("export", "write the pipeline for another system: export airflow -o dags/")
+def _export(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    known = ", ".join(sorted(EXPORTS))
+    handler = EXPORTS.get(args.target or "")
+    if handler is None:
+        given = args.target or ""
+        _error(
+            f"unknown export target '{given}'{did_you_mean(given, EXPORTS)}; use one of {known}"
+            if given
+            else f"name what to export to: pipekit export {{{known.replace(', ', ',')}}} ..."
+        )
+        return EXIT_USAGE
+    if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
+        _error("export writes one config, not a -m sweep; drop -m and pick one value per key")
+        return EXIT_USAGE
+    return handler(pipeline, args)
+
+
+@option("export")
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "target", nargs="?", metavar="{" + ",".join(sorted(EXPORTS)) + "}", help="export to"
+    )
+    parser.add_argument(
+        "-o", "--output", metavar="PATH", help="airflow: a directory or .py file (default: dags/)"
+    )
+
+
+def _export_airflow(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    from .export.airflow import export_dag
+
+    done = export_dag(
+        pipeline,
+        args.output or "dags",
+        dag_id=args.dag_id,
+        python=args.python,
+        workdir=args.workdir,
+    )
+    schedule = f"schedule '{done.schedule}'" if done.schedule else "no schedule (manual runs)"
+    print(f"wrote {done.path}: Airflow DAG '{done.dag_id}', {len(done.tasks)} tasks, {schedule}")
+    return EXIT_OK
+
+
+EXPORTS["airflow"] = _export_airflow
+
+
+@option("export")
+def _export_airflow_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("export airflow")
+    group.add_argument("--dag-id", help="the Airflow DAG id (default: the pipeline name)")
+    group.add_argument(
+        "--python",
+        metavar="PATH",
+        help="the Python the tasks run pipekit with (default: the Airflow worker's own)",
+    )
+    group.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="the directory the tasks run in; relative paths resolve there (default: here)",
+    )
+
+
+# --- serving: export mlflow, serve, predict (the `serve` section; docs/serving.md) --------
+
+
+def _export_mlflow(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    if args.output:
+        _error("export mlflow registers a model in MLflow's registry; -o is for export airflow")
+        return EXIT_USAGE
+    done = pipeline.export("mlflow", alias=False if args.no_alias else (args.alias or True))
+    print(done)
+    sys.stderr.write(
+        f"pipekit: serve it with `pipekit serve` (follows the alias), or unchanged by MLflow: "
+        f"MLFLOW_TRACKING_URI={done.uri} mlflow models serve -m {done.model_uri} "
+        f"--env-manager local\n"
+    )
+    return EXIT_OK
+
+
+EXPORTS["mlflow"] = _export_mlflow
+
+
+@option("export")
+def _export_mlflow_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("export mlflow")
+    group.add_argument(
+        "--alias",
+        metavar="NAME",
+        help="the alias to move to the new version (default: serve.alias)",
+    )
+    group.add_argument(
+        "--no-alias", action="store_true", help="register the new version without moving an alias"
+    )
+
+
+@command("serve", "answer predictions over HTTP (MLflow's protocol), following serve.alias")
+def _serve(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    from .serve.server import Server
+
+    pipeline.validate()
+    server = Server.for_pipeline(
+        pipeline.spec,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        version=args.version,
+        alias=args.alias,
+        poll_interval=args.poll_interval,
+        access_log=args.access_log or None,
+    )
+    server.run()
+    return EXIT_OK
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}")
+        return int(text)
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+@option("serve")
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=_count(0, 65535), help="port (default: serve.port, 8000; 0: a free one)"
+    )
+    parser.add_argument(
+        "--workers", type=_count(1, 256), help="worker processes (default: serve.workers, 1)"
+    )
+    parser.add_argument(
+        "--alias", help="follow this alias of <pipeline>.serving (default: serve.alias)"
+    )
+    parser.add_argument("--version", help="serve this version, follow nothing")
+    parser.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        help="how often the alias is checked (default: serve.poll_interval, 5)",
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+
+
+@command("predict", "score a CSV or Parquet file in batch: predict input=FILE output=DIR")
+def _predict(pipeline: Pipeline, args: argparse.Namespace) -> int:
+    from .core.text import parse_size
+    from .serve.batch import score
+
+    given = getattr(args, "predict_io", None) or {}
+    if not given.get("input") or not given.get("output"):
+        _error(
+            "pipekit predict needs input=<csv|parquet> and output=<directory>, e.g. "
+            "pipekit predict input=new.csv output=scores.parquet"
+        )
+        return EXIT_USAGE
+    try:
+        size = parse_size(args.partition_size) if args.partition_size else None
+    except ValueError as exc:
+        _error(f"--partition-size: {exc}")
+        return EXIT_USAGE
+    pipeline.validate()
+    done = score(
+        pipeline.spec,
+        given["input"],
+        given["output"],
+        version=args.version,
+        alias=args.alias,
+        keep=_split(args.keep),
+        overwrite=args.overwrite,
+        partition_size=size,
+    )
+    print(done)
+    return EXIT_OK
+
+
+class _PredictWords(argparse.Action):
+    """`input=FILE` and `output=DIR` for predict; every other word goes on to Hydra."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        found = dict(getattr(namespace, "predict_io", None) or {})
+        extra = list(getattr(namespace, "hydra_extra", []))
+        for word in values or []:
+            key, sep, value = word.partition("=")
+            if sep and key in ("input", "output"):
+                found[key] = value
+            else:
+                extra.append(word)
+        namespace.predict_io, namespace.hydra_extra = found, extra
+
+
+@option("predict")
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "words",
+        nargs="*",
+        action=_PredictWords,
+        metavar="input=FILE output=DIR [overrides]",
+        help="the file to score (.csv or .parquet) and the Parquet directory to write",
+    )
+    parser.add_argument("--version", help="score with this version of <pipeline>.serving")
+    parser.add_argument(
+        "--alias", help="score with the version this alias names (default: serve.alias)"
+    )
+    parser.add_argument(
+        "--keep", metavar="COLUMNS", help="input columns to copy beside the predictions"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier output of pipekit predict"
+    )
+    parser.add_argument(
+        "--partition-size", metavar="SIZE", help="bytes of input per partition, e.g. 16MB"
+    )
+
+
 # --- plumbing ----------------------------------------------------------------------------
 
 
@@ -365,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cmd.hydra:
         args, hydra_args = parser.parse_known_args(rest)
         hydra_args = [*getattr(args, "hydra_extra", []), *hydra_args]
+        args.typed_options = _typed_options(rest, hydra_args)
         if any(a in ("-h", "--help") for a in hydra_args):
             parser.print_help()
             print("\nHydra options and overrides follow the command (see below).\n")
@@ -372,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, hydra_args = parser.parse_args(rest), []
     verbose = args.verbose = args.verbose or os.environ.get("HYDRA_FULL_ERROR") == "1"
     _project_importable()
+    signals = _Signals()
     try:
         if cmd.hydra:
             return _run_hydra(cmd, args, hydra_args)
@@ -381,9 +657,112 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _error(str(exc))
         return getattr(exc, "exit_code", EXIT_USAGE)
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the run has been stopped cleanly
+        return signals.report(exc)
+    finally:
+        signals.restore()
+
+
+class _Signals:
+    """SIGINT and SIGTERM while a command runs.
+
+    The first raises `Interrupted` (a KeyboardInterrupt): the run stops its stages, ends its
+    MLflow runs KILLED and the command exits 128 + the signal number (130, 143). Another
+    signal during that cleanup (a few seconds) is ignored, so it is not cut short; a third
+    ends the process at once. A SIGINT ignored by the parent shell stays ignored.
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.first: int | None = None
+        self.extra = 0
+        self.said = False
+        self.previous: dict[int, Any] = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self)
+            except ValueError:  # not the main thread: leave signals alone
+                break
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.first is None:
+            self.first = signum
+            from .errors import Interrupted
+
+            raise Interrupted(signum)
+        self.extra += 1
+        if self.extra >= 2:
+            if not self.said:
+                self.say(f"pipekit: interrupted ({_signame(self.first)}); exiting at once")
+            _exit_now(128 + self.first)
+
+    def say(self, line: str) -> None:
+        self.said = True
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def report(self, exc: BaseException) -> int:
+        """One line: the signal, the stages stopped, the MLflow run ended KILLED."""
+        import signal
+
+        signum = getattr(exc, "signum", self.first or signal.SIGINT)
+        stopped = getattr(exc, "stopped", ())
+        parts = [f"stopped {', '.join(stopped)}" if stopped else "no stage was running"]
+        tracked = getattr(exc, "tracking", {}) or {}
+        if tracked.get("mlflow_run_id"):
+            parts.append(f"MLflow run {tracked['mlflow_run_id']} ended KILLED")
+        self.say(f"pipekit: interrupted ({_signame(signum)}); {'; '.join(parts)}")
+        return 128 + int(signum)
+
+    def restore(self) -> None:
+        """Put the previous handlers back, unless a signal came: then this handler stays
+        for the rest of the process (a second Ctrl-C while exiting prints no traceback)."""
+        import signal
+
+        if self.first is not None:
+            return
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+
+def _signame(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once (no threads joined, no atexit): after the run was stopped."""
+    from contextlib import suppress
+
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):  # a closed or broken stream: exit anyway
+            stream.flush()
+    os._exit(code)
+
+
+def _typed_options(rest: Sequence[str], hydra_args: Sequence[str]) -> list[str]:
+    """The command's own options as the user typed them (`--targets evaluate`), without
+    Hydra's arguments and `-cd/-cn`: what a printed command line repeats."""
+    left = list(hydra_args)
+    out: list[str] = []
+    skip = False
+    for token in rest:
+        if skip:
+            skip = False
+        elif token in left:
+            left.remove(token)
+        elif token in ("-cd", "--config-dir", "-cn", "--config-name"):
+            skip = True
+        elif not token.startswith(("--config-dir=", "--config-name=")):
+            out.append(token)
+    return out
 
 
 def _project_importable() -> None:
@@ -395,17 +774,33 @@ def _project_importable() -> None:
 
 def _run_hydra(cmd: Command, args: argparse.Namespace, hydra_args: list[str]) -> int:
     """Run `cmd` as a Hydra app so every Hydra flag and `-m` sweep works as usual."""
+    import shutil
+    import tempfile
+
     import hydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import QUIET_HYDRA, describe_hydra_error, override_key, sources
+    from .config import describe_hydra_error, hydra_output, sources
 
-    flags = [a for a in hydra_args if a.startswith("-")]
-    overrides = [a for a in hydra_args if not a.startswith("-")]
+    flags, overrides = _hydra_split(hydra_args)
+    if cmd.name == "run" and _merged_sweep(args, flags, overrides):  # one graph: sweep.py
+        from .sweep import run_cli
+
+        return run_cli(
+            overrides,
+            config_dir=args.config_dir,
+            config_name=args.config_name,
+            targets=_split(args.targets),
+            force=_run_options(args).get("force"),
+            best=args.best,
+            quiet=args.quiet,
+            flags=getattr(args, "typed_options", ()),
+        )
     found = sources(overrides, args.config_dir, args.config_name)
-    given = {override_key(o) for o in found.overrides}
-    quiet = [q for q in QUIET_HYDRA if override_key(q) not in given]
+    multirun = any(f in ("-m", "--multirun") for f in flags) or "hydra.mode=MULTIRUN" in overrides
+    scratch = tempfile.mkdtemp(prefix="pipekit-hydra-")  # a sweep's multirun.yaml, removed
+    quiet = hydra_output(overrides, multirun=multirun, scratch=scratch)
     codes: list[int] = []
 
     @hydra.main(version_base=None, config_path=str(found.primary), config_name=found.config_name)
@@ -413,14 +808,24 @@ def _run_hydra(cmd: Command, args: argparse.Namespace, hydra_args: list[str]) ->
         codes.append(_job(cmd, args, cfg, found))
 
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [f"pipekit {cmd.name}", *flags, *found.overrides, *quiet]
+    # flags last: a bare `--info` must not take an override as its value
+    sys.argv = [f"pipekit {cmd.name}", *found.overrides, *quiet, *flags]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
     try:
         app()
     except (HydraException, OmegaConfBaseException) as exc:
         if args.verbose:
             raise
-        _error(describe_hydra_error(exc))
+        _error(
+            describe_hydra_error(
+                exc, overrides=overrides, config_dir=args.config_dir, config_name=args.config_name
+            )
+        )
+        return EXIT_USAGE
+    except ValueError as exc:  # Hydra's own usage check: `--cfg job -m`
+        if args.verbose or "can be specified" not in str(exc):
+            raise
+        _error(str(exc))
         return EXIT_USAGE
     except SystemExit as exc:  # argparse inside Hydra (bad flag) or --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
@@ -430,25 +835,73 @@ def _run_hydra(cmd: Command, args: argparse.Namespace, hydra_args: list[str]) ->
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved_env
+        shutil.rmtree(scratch, ignore_errors=True)
     return max(codes, default=EXIT_OK)
+
+
+#: Hydra's flags that take a value (`--cfg job`), and `--info`, whose value is optional.
+_HYDRA_VALUED = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--experimental-rerun")
+_HYDRA_INFO = ("--info", "-i")
+_INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def _merged_sweep(args: argparse.Namespace, flags: list[str], overrides: list[str]) -> bool:
+    """`run -m` with Hydra's basic launcher and sweeper and no other Hydra flag: pipekit
+    runs the jobs as one merged graph. Another launcher keeps Hydra's own multirun."""
+    from .config import override_key
+
+    if not set(flags) & {"-m", "--multirun"} or set(flags) - {"-m", "--multirun"}:
+        return False
+    if getattr(args, "explain", False):
+        return False
+    chosen = {override_key(o): o.split("=", 1)[-1] for o in overrides}
+    if "hydra.sweep.dir" in chosen:  # Hydra's output directory asked for: Hydra writes it
+        return False
+    return all(chosen.get(g, "basic") == "basic" for g in ("hydra/launcher", "hydra/sweeper"))
+
+
+def _hydra_split(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) and the overrides, in their order."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    takes: str | None = None
+    for token in tokens:
+        if takes == "value" or (takes == "info" and token in _INFO_VALUES):
+            flags.append(token)
+        elif token.startswith("-"):
+            flags.append(token)
+            takes = "value" if token in _HYDRA_VALUED else "info" if token in _HYDRA_INFO else None
+            continue
+        else:
+            overrides.append(token)
+        takes = None
+    return flags, overrides
 
 
 def _job(cmd: Command, args: argparse.Namespace, cfg: Any, found: Any) -> int:
     """One Hydra job (one per sweep point): build the pipeline and run the handler."""
     from hydra.core.hydra_config import HydraConfig
 
-    from .config import QUIET_HYDRA, override_key
+    from .config import command_line, override_key
     from .pipeline import Pipeline
 
     hydra_cfg = HydraConfig.get()
-    quiet = {override_key(q) for q in QUIET_HYDRA}
-    overrides = [
-        o
-        for o in hydra_cfg.overrides.task
-        if override_key(o) not in quiet and not override_key(o).startswith("hydra.searchpath")
-    ]
-    if str(hydra_cfg.mode) == "RunMode.MULTIRUN":
-        sys.stderr.write(f"pipekit: sweep job #{hydra_cfg.job.num}: {' '.join(overrides)}\n")
+    overrides = [o for o in hydra_cfg.overrides.task if not override_key(o).startswith("hydra")]
+    if str(hydra_cfg.mode) == "RunMode.MULTIRUN":  # the command that runs this job alone
+        again = command_line(
+            cmd.name,
+            overrides,
+            config_dir=args.config_dir,
+            config_name=args.config_name,
+            flags=getattr(args, "typed_options", ()),
+        )
+        sys.stderr.write(f"pipekit: sweep job #{hydra_cfg.job.num}: {again}\n")
+    if cmd.name == "run" and not getattr(args, "explain", False):  # MLflow's import overlaps
+        # with validation and the first stages (a daemon thread: see tracking/prewarm.py)
+        from .tracking.prewarm import prewarm, tracking_on
+
+        if tracking_on(cfg.get("tracking")):
+            prewarm()
     try:
         pipeline = Pipeline.from_config(
             cfg,
@@ -483,16 +936,27 @@ def _overview() -> str:
         "  pipekit run -m stages.train.params.C=0.1,1   # a Hydra sweep",
         "  pipekit explain stages.train.params.C=0.5    # what would run, and why",
         "  pipekit run --force train                    # recompute train (and downstream)",
-        "  pipekit run -cd my_conf -cn my_config        # your own config directory",
+        "  pipekit run -cd my_conf pipeline=houses      # your config directory, searched first",
         "",
         "`pipekit <command> --help` shows the command's options and Hydra's.",
-        "Exit codes: 0 ok, 1 a stage failed, 2 a config or usage error.",
+        "Exit codes: 0 ok, 1 a stage failed, 2 a config or usage error,",
+        "130/143 interrupted by SIGINT/SIGTERM.",
     ]
     return "\n".join(lines)
 
 
 def _split(value: str | None) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+    """`a,b` -> [a, b]; commas inside brackets belong to a matrix member (`train[a=1,b=2]`)."""
+    if not value:
+        return []
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(value):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(value[start:index])
+            start = index + 1
+    parts.append(value[start:])
+    return [p.strip() for p in parts if p.strip()]
 
 
 def _error(message: str) -> None:
@@ -501,14 +965,33 @@ def _error(message: str) -> None:
 
 
 def entry() -> None:
-    """Console-script entry: exit with main()'s code."""
+    """Console-script entry: exit with main()'s code.
+
+    After an interrupt the run is already cleaned up (stages stopped, MLflow runs ended):
+    the process ends at once, even if a stage left a thread running. A signal during a
+    normal shutdown ends it at once too, without a traceback.
+    """
     try:
         code = main()
         sys.stdout.flush()
     except BrokenPipeError:  # `pipekit cache ls | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_OK
+    if code > 128:  # 130 SIGINT, 143 SIGTERM
+        _exit_now(code)
+    _quiet_shutdown()
     sys.exit(code)
+
+
+def _quiet_shutdown() -> None:
+    import signal
+
+    def now(signum: int, frame: Any) -> None:
+        _exit_now(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, now)
 
 
 if __name__ == "__main__":  # pragma: no cover

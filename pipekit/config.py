@@ -14,7 +14,6 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,31 @@ from .errors import OverrideError
 #: config does not name them.
 GROUPS = ("executor", "tracking", "cache")
 
-#: Hydra settings that keep Hydra from writing `outputs/<date>/<time>/` and log files:
-#: a user override of the same key wins.
-QUIET_HYDRA = (
-    "hydra.run.dir=.",
-    "hydra.sweep.dir=.",
-    "hydra.sweep.subdir=.",
-    "hydra.output_subdir=null",
-    "hydra/job_logging=none",
-    "hydra/hydra_logging=none",
-)
+
+def hydra_output(overrides: Sequence[str], *, multirun: bool, scratch: str | Path) -> list[str]:
+    """Hydra settings so that Hydra writes its output directory only where the user asks
+    for it (`hydra.run.dir=...`, or `hydra.sweep.dir=...` for a sweep); a user's own
+    setting of a key wins. Hydra always writes a sweep's `multirun.yaml`: without a
+    `hydra.sweep.dir` it goes to `scratch` (the caller's temporary directory), not the
+    working directory. Hydra's log handlers stay off: they print to stdout.
+    """
+    given = {override_key(o) for o in overrides}
+    asked = ("hydra.sweep.dir" if multirun else "hydra.run.dir") in given
+    wanted = {
+        "hydra.run.dir": ".",
+        "hydra.sweep.dir": _quoted(str(scratch)),
+        "hydra/job_logging": "none",
+        "hydra/hydra_logging": "none",
+    }
+    if not asked:
+        wanted["hydra.output_subdir"] = "null"
+    return [f"{key}={value}" for key, value in wanted.items() if key not in given]
+
+
+def _quoted(text: str) -> str:
+    """A quoted Hydra override value: spaces, brackets and commas in a path stay literal."""
+    escaped = text.replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def conf_dir() -> Path:
@@ -45,8 +59,9 @@ def conf_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Sources:
-    """Where Hydra composes from: the primary directory, the config name, the overrides to
-    pass (the user's, adjusted, then pipekit's search path), and the user's directory."""
+    """Where Hydra composes from: the primary directory, the config name (the user's file,
+    or one pipekit registered in Hydra's ConfigStore), the overrides to pass (the user's,
+    then pipekit's search path), and the user's directory."""
 
     primary: Path
     config_name: str
@@ -70,26 +85,51 @@ def sources(
     config_dir: str | Path | None = None,
     config_name: str = "config",
 ) -> Sources:
-    """The search path both doors use: the user's directory, then pipekit's `conf/`."""
-    _register_primary()
+    """The search path both doors use: the user's directory, then pipekit's `conf/`.
+
+    Without `config.yaml`, a user directory composes from pipekit's primary config; its
+    pipeline is the user's when `pipeline/` holds exactly one (several: name one with
+    `pipeline=`). A user's primary config that leaves out `executor`, `tracking` or
+    `cache` gets pipekit's default for them, underneath its own values.
+    """
     pipekit = conf_dir()
-    user = None
-    if config_dir is not None:
-        user = Path(config_dir).expanduser().resolve()
-        if not user.is_dir():
+    if config_dir is None:
+        return Sources(pipekit, config_name, list(overrides))
+    user = Path(config_dir).expanduser().resolve()
+    if not user.is_dir():
+        raise OverrideError(
+            f"config directory '{config_dir}' does not exist or is not a directory "
+            f"(looked in {user}); pass an existing directory with -cd or config_dir="
+        )
+    _check_headers(user)
+    own = user / f"{config_name}.yaml"
+    if own.is_file():
+        primary = _around(own, config_name)
+    elif config_name == "config":
+        primary = _fallback(user, config_dir, overrides)
+    else:
+        primary = config_name  # Hydra says it is missing, with the options it has
+    searched = [*overrides, f"hydra.searchpath=[{_quoted(f'file://{pipekit}')}]"]
+    return Sources(user, primary, searched, user)
+
+
+_HEADER = re.compile(r"\s*#\s*@")
+
+
+def _check_headers(user: Path) -> None:
+    """A `# @package _global_` that is not in a pipeline file's leading lines: Hydra reads
+    it only there and silently nests the whole file under `pipeline:` otherwise."""
+    for path in sorted((user / "pipeline").rglob("*.yaml")):
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        header = 0
+        while header < len(lines) and _HEADER.match(lines[header]):
+            header += 1
+        late = [i for i, line in enumerate(lines) if i >= header and _HEADER.match(line)]
+        if late and "@package" in lines[late[0]]:
             raise OverrideError(
-                f"config directory '{config_dir}' does not exist or is not a directory "
-                f"(looked in {user})"
+                f"config: {path}: '{lines[late[0]].strip()}' must come before any other line "
+                f"(Hydra reads it only there); move it to the top of the file"
             )
-    primary = user or pipekit
-    adjusted = list(overrides)
-    if user is not None:
-        own = user / f"{config_name}.yaml"
-        if config_name == "config" and not own.is_file():
-            config_name = FALLBACK
-        adjusted = _fill_groups(own, adjusted)
-        adjusted.append(f"hydra.searchpath=[file://{pipekit}]")
-    return Sources(primary, config_name, adjusted, user)
 
 
 #: The name under which pipekit's `config.yaml` is registered in Hydra's ConfigStore: the
@@ -97,26 +137,69 @@ def sources(
 FALLBACK = "pipekit_defaults"
 
 
-@cache
-def _register_primary() -> None:
-    """pipekit's `config.yaml` in Hydra's ConfigStore, so a user directory needs none."""
+def _pipekit_primary() -> dict[str, Any]:
     import yaml
+
+    return yaml.safe_load((conf_dir() / "config.yaml").read_text()) or {}
+
+
+def _store(name: str, node: dict[str, Any]) -> str:
+    """Register `node` as primary config `name` in Hydra's ConfigStore (searched last)."""
     from hydra.core.config_store import ConfigStore
 
-    node = yaml.safe_load((conf_dir() / "config.yaml").read_text())
-    ConfigStore.instance().store(name=FALLBACK, node=node)
+    ConfigStore.instance().store(name=name, node=node)
+    return name
+
+
+def _fallback(user: Path, config_dir: str | Path, overrides: Sequence[str]) -> str:
+    """pipekit's primary config, its default pipeline the user's only one (if one)."""
+    node = _pipekit_primary()
+    if any(override_key(o) == "pipeline" for o in overrides):
+        return _store(FALLBACK, node)
+    found = sorted(p.stem for p in (user / "pipeline").glob("*.yaml"))
+    if len(found) > 1:
+        raise OverrideError(
+            f"config directory '{config_dir}' has no config.yaml and {len(found)} pipelines: "
+            f"choose one with pipeline=NAME ({', '.join(found)}), or add a config.yaml "
+            f"whose defaults name one"
+        )
+    if not found:
+        return _store(FALLBACK, node)
+    defaults = [
+        {"pipeline": found[0]} if isinstance(e, dict) and "pipeline" in e else e
+        for e in node.get("defaults") or []
+    ]
+    name = re.sub(r"\W", "_", found[0])
+    return _store(f"{FALLBACK}_{name}", {**node, "defaults": defaults})
+
+
+def _around(own: Path, config_name: str) -> str:
+    """A primary config that includes the user's `own` after pipekit's defaults of the
+    groups it leaves out, so its values win over those and `tracking=off` still selects;
+    a pipeline it does not name stays selectable with `pipeline=NAME`."""
+    named = _named_groups(own) or set()
+    choices = default_choices()
+    defaults: list[Any] = ["_self_"]
+    defaults += [{g: choices[g]} for g in GROUPS if g not in named and g in choices]
+    defaults.append(config_name)
+    if "pipeline" not in named:
+        defaults.append({"pipeline": None})
+    if len(defaults) == 2:  # the user's config names every group: it is the primary
+        return config_name
+    left_out = "_".join(g for g in ("pipeline", *GROUPS) if g not in named)
+    name = re.sub(r"\W", "_", config_name)
+    return _store(f"pipekit_around_{name}_{left_out}", {"defaults": defaults})
 
 
 def default_choices() -> dict[str, str]:
     """pipekit's default option of each group (`executor: threads`, ...)."""
-    import yaml
-
-    found = yaml.safe_load((conf_dir() / "config.yaml").read_text()).get("defaults") or []
+    found = _pipekit_primary().get("defaults") or []
     return {k: str(v) for entry in found if isinstance(entry, dict) for k, v in entry.items()}
 
 
 def _named_groups(primary: Path) -> set[str] | None:
-    """Groups a user's primary config names in its defaults list; None when no such file."""
+    """Groups a user's primary config selects in its defaults list (not those it only
+    `override`s: pipekit's default must be there to override); None when no such file."""
     import yaml
 
     if not primary.is_file():
@@ -130,28 +213,9 @@ def _named_groups(primary: Path) -> set[str] | None:
         keys = entry.keys() if isinstance(entry, dict) else []
         for key in keys:
             words = str(key).split()
-            named.add(words[-1].lstrip("/").split("@")[0])
+            if words[0] != "override":
+                named.add(words[-1].lstrip("/").split("@")[0])
     return named
-
-
-def _fill_groups(primary: Path, overrides: list[str]) -> list[str]:
-    """Give pipekit's groups the user's primary config leaves out their default; a user
-    override of such a group becomes an addition (`tracking=off` -> `+tracking=off`)."""
-    named = _named_groups(primary)
-    if named is None:
-        return overrides
-    defaults = default_choices()
-    out = list(overrides)
-    for group in ("pipeline", *GROUPS):
-        if group in named:
-            continue
-        set_by_user = [i for i, o in enumerate(out) if override_key(o) == group]
-        for i in set_by_user:
-            if not out[i].startswith(("+", "~")):
-                out[i] = f"+{out[i]}"
-        if not set_by_user and group in GROUPS and group in defaults:
-            out.append(f"+{group}={defaults[group]}")
-    return out
 
 
 def compose(
@@ -187,7 +251,11 @@ def composed(
                 config_name=found.config_name, overrides=found.overrides, return_hydra_config=True
             )
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as exc:
-        raise OverrideError(describe_hydra_error(exc)) from exc
+        raise OverrideError(
+            describe_hydra_error(
+                exc, overrides=overrides, config_dir=config_dir, config_name=config_name
+            )
+        ) from exc
     finally:
         GlobalHydra.instance().clear()
     with open_dict(cfg):
@@ -195,8 +263,18 @@ def composed(
     return cfg, found.pipeline_file(choices.get("pipeline"))
 
 
-def describe_hydra_error(exc: BaseException) -> str:
-    """One line from a Hydra/OmegaConf/YAML error, with a hint on how to fix the usual causes."""
+def describe_hydra_error(
+    exc: BaseException,
+    *,
+    overrides: Sequence[str] = (),
+    config_dir: str | Path | None = None,
+    config_name: str = "config",
+) -> str:
+    """One line from a Hydra/OmegaConf/YAML error, with a hint on how to fix the usual causes.
+
+    `overrides`, `config_dir` and `config_name` are what was composed: a command the hint
+    prints composes the same config, so it runs as printed.
+    """
     import yaml
 
     text = str(exc)
@@ -206,7 +284,8 @@ def describe_hydra_error(exc: BaseException) -> str:
         return f"config: {_first_line(exc)} (fix the YAML syntax)"
     message = _first_line(exc)
     if "Could not override" in text or ("Key '" in text and "not in struct" in text):
-        hint = "check the key path (`pipekit run --cfg job` prints the config); prefix with + to add a new key"
+        shown = _config_printer(text, overrides, config_dir, config_name)
+        hint = f"check the key path (`{shown}` prints the config); prefix with + to add a new key"
     elif "Could not find" in text or "Cannot find primary config" in text:
         options = [s.strip() for s in text.splitlines() if s.startswith("\t") and "=" not in s]
         hint = f"available: {', '.join(options)}" if options else "check the group and option names"
@@ -215,6 +294,28 @@ def describe_hydra_error(exc: BaseException) -> str:
     else:
         hint = ""
     return f"config: {message}" + (f" ({hint})" if hint else "")
+
+
+_PLAIN_OVERRIDE = re.compile(r"\+?[\w/@-]+=[\w.-]+")
+
+
+def _config_printer(
+    text: str, overrides: Sequence[str], config_dir: str | Path | None, config_name: str
+) -> str:
+    """`pipekit run [-cd DIR] --cfg job [group=option...]`: the config the user composed,
+    with their group choices, without the override that failed."""
+    bad = re.search(r"override '([^']+)'", text)
+    keep = [
+        o
+        for o in overrides
+        if _PLAIN_OVERRIDE.fullmatch(o)
+        and "." not in override_key(o)
+        and not override_key(o).startswith("hydra")
+        and (bad is None or override_key(o) != bad.group(1))
+    ]
+    return command_line(
+        "run", keep, config_dir=config_dir, config_name=config_name, options={"--cfg": "job"}
+    )
 
 
 def _yaml_error(exc: BaseException) -> str:
@@ -249,7 +350,8 @@ def merge_overrides(old: Sequence[str], new: Sequence[str]) -> list[str]:
     return list(merged.values())
 
 
-_SAFE = re.compile(r"[\w.=/,:+~@-]+")
+#: Words a shell passes on unchanged (a leading `~` would be expanded: quoted).
+_SAFE = re.compile(r"[\w.=/,:+@-][\w.=/,:+~@-]*")
 
 
 def command_line(
@@ -259,8 +361,11 @@ def command_line(
     config_dir: str | Path | None = None,
     config_name: str = "config",
     options: Mapping[str, str] | None = None,
+    flags: Sequence[str] = (),
 ) -> str:
-    """The `pipekit <command>` line that composes the same config: runs as printed."""
+    """The `pipekit <command>` line that composes the same config: runs as printed.
+
+    `options` are `--flag value` pairs, `flags` the command's own options as typed."""
     parts = ["pipekit", command]
     if config_dir is not None:
         parts += ["-cd", str(config_dir)]
@@ -268,5 +373,5 @@ def command_line(
         parts += ["-cn", config_name]
     for flag, value in (options or {}).items():
         parts += [flag, value]
-    parts += list(overrides)
+    parts += [*flags, *overrides]
     return " ".join(p if _SAFE.fullmatch(p) else shlex.quote(p) for p in parts)

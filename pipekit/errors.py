@@ -93,6 +93,15 @@ class MissingArgumentError(SignatureError):
     """A required argument of the callable that no input or param supplies."""
 
 
+class ParamTypeError(SignatureError):
+    """A param's value does not fit the callable's (simple) annotation, e.g. 'ten' for int."""
+
+
+class UnknownOutputKeyError(SignatureError):
+    """An input `stage.key` names a key the upstream's declared return type (TypedDict or
+    dataclass) does not have."""
+
+
 class DuplicateArgumentError(ConfigError):
     """The same argument is given both as an input and as a param."""
 
@@ -107,6 +116,48 @@ class TrackingConfigError(ConfigError):
 
 class CacheConfigError(ConfigError):
     """The `cache` section is invalid (unknown backend or key), or a `--force` names no stage."""
+
+
+class CacheNotOursError(ConfigError):
+    """`cache clear|prune` refused a directory: `/`, the home directory, one without pipekit's
+    marker file, or one holding files pipekit did not write. Nothing was removed."""
+
+
+class ExecutorConfigError(ConfigError):
+    """The `executor` section is invalid (unknown scheduler or key, a bad worker count)."""
+
+
+class ClusterError(ExecutorConfigError):
+    """`executor=distributed` cannot be used: no Dask scheduler answers at `executor.address`,
+    the `distributed` package is missing, or no worker offers a resource a stage needs."""
+
+
+class MatrixError(ConfigError):
+    """A stage's `matrix`/`foreach`/`members` is invalid, or an input refers to a matrix
+    stage without saying which members it wants (`train[*]`, `train[:]`, one member)."""
+
+
+class SweepError(ConfigError):
+    """A sweep cannot run as asked: no swept values, or a `--best`/`sweep.metric` that names
+    no metric of the jobs' results."""
+
+
+class ServeConfigError(ConfigError):
+    """The `serve` section (the inference DAG) is invalid: an unknown key, a bad type, a
+    `model` that names no model stage, an unknown `method`."""
+
+
+class ScheduleError(ConfigError):
+    """`schedule` is not a 5-field cron expression (or a preset such as `@hourly`)."""
+
+
+class ConcurrencyConfigError(ConfigError):
+    """`concurrency` is not `wait` or `skip`."""
+
+
+class ExportError(ConfigError):
+    """A pipeline cannot be exported as asked (`pipekit export airflow`): no cache to hand
+    outputs from task to task, a pipeline not composed from config files, a bad `-o`."""
 
 
 # --- run-time errors (CLI exit code 1) --------------------------------------------------
@@ -138,6 +189,15 @@ class OutputKeyError(StageError):
     """`inputs: {arg: upstream.key}` where upstream's output is not a mapping or lacks key."""
 
 
+class UnpicklableOutputError(StageError):
+    """Under `executor=processes`, a stage returned a value that cannot be pickled, so it
+    cannot travel from its worker process to the driver."""
+
+
+class WorkerDiedError(StageError):
+    """A worker process died while running a stage (`os._exit`, a crash, the OOM killer)."""
+
+
 class CacheEntryError(PipekitError):
     """A stored stage output cannot be read (truncated, corrupt, unpicklable here)."""
 
@@ -154,7 +214,63 @@ class TrackingError(PipekitError):
     exit_code = 1
 
 
+class TrackingUnavailableError(TrackingError):
+    """The tracking store cannot be used in time: a server that does not answer, or a local
+    store whose creation lock another process holds too long. The message names the URI."""
+
+
+class TrackingFailedError(TrackingError):
+    """Tracking of a run failed and `tracking.on_error` is `fail` (raised after the run;
+    `.result` holds its RunResult, whose stages ran)."""
+
+    def __init__(self, message: str, *, result: object = None):
+        super().__init__(message)
+        self.result = result
+
+
+class ServingError(PipekitError):
+    """Exporting, serving or batch-scoring the inference DAG failed: no model version to
+    use, versions pinned together that were not trained together, a model lacking the
+    called method, an unreadable input file (exit code 1)."""
+
+    exit_code = 1
+
+
+class RunSkipped(PipekitError):
+    """`concurrency: skip` and another run of the pipeline holds its run lock: this run
+    did nothing, on purpose (CLI exit code 0)."""
+
+    exit_code = 0
+
+
 class GraphvizNotFoundError(PipekitError):
     """Drawing needs Graphviz's `dot` binary (or the `graphviz` Python package) and it is missing."""
 
     exit_code = 1
+
+
+# --- interruptions: not errors of the pipeline, so not PipekitErrors -------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run. A KeyboardInterrupt, so code that handles Ctrl-C
+    handles both; the CLI exits with `exit_code` (128 + the signal number: 130, 143).
+
+    `stopped` names the stages that were running; `tracking` where the run was tracked.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        self.signame = signal.Signals(self.signum).name
+        self.stopped: tuple[str, ...] = ()
+        self.tracking: dict[str, str] = {}
+        super().__init__(self.signame)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __reduce__(self):
+        return (Interrupted, (self.signum,))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypedDict
 
 NOT_CALLABLE = 42
 
@@ -99,3 +101,88 @@ class PausedWrite:
             Path(self.marker).write_text("writing")
             time.sleep(60)
         return (PausedWrite, ())
+
+
+# --- faults: stages that exit, hang, die or return what cannot travel (test_faults.py) ----
+
+
+def exits(code=0, x=None):
+    """A stage that ends the process the way scripts do."""
+    import sys
+
+    sys.exit(code)
+
+
+def exits_once(counter: str, code=0):
+    """Calls sys.exit on its first attempt (counted in the file `counter`), then returns."""
+    import sys
+
+    path = Path(counter)
+    attempts = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(attempts + 1))
+    if attempts == 0:
+        sys.exit(code)
+    return attempts + 1
+
+
+def lock(x=None):
+    """An output no pickle can carry to another process."""
+    import threading
+
+    return {"lock": threading.Lock()}
+
+
+def hang(directory: str, name: str, seconds: float = 3600.0, x=None):
+    """Writes its pid to `directory/name` (atomically), then sleeps: a stage that hangs."""
+    Path(directory, name + ".tmp").write_text(str(os.getpid()))
+    os.replace(Path(directory, name + ".tmp"), Path(directory, name))
+    time.sleep(seconds)
+    return 1
+
+
+def dies(code=3, x=None):
+    """Ends its process at once, past every `except` and `finally`."""
+    os._exit(code)
+
+
+# --- params against annotations, input keys against declared outputs (test_sections.py) ---
+
+
+def typed(
+    n: int,
+    rate: float = 0.5,
+    name: str = "x",
+    flag: bool = False,
+    items: list | None = None,
+    table: dict[str, int] | None = None,
+    mode: Literal["fast", "slow"] = "fast",
+    limit: int | None = None,
+    either: int | str = 0,
+    anything=None,
+    numbers: tuple[float, ...] = (),
+):
+    """Echoes its arguments: a stage whose params have every simple kind of annotation."""
+    return {"n": n, "rate": rate, "name": name, "mode": mode, "limit": limit}
+
+
+class FeatureSet(TypedDict):
+    X: list
+    y: list
+
+
+@dataclass
+class Split:
+    train: list
+    test: list
+
+
+def features(n: int = 3) -> FeatureSet:
+    return {"X": list(range(n)), "y": [i % 2 for i in range(n)]}
+
+
+def split_data(n: int = 4) -> Split:
+    return Split(list(range(n // 2)), list(range(n // 2, n)))
+
+
+def undeclared(n: int = 3) -> dict:
+    return {"X": list(range(n))}

@@ -66,7 +66,7 @@ def test_sweep_runs_every_job(cli_env, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("evaluate: accuracy=") == 2
-    assert "sweep job #0: executor=sync" in proc.stderr
+    assert "sweep job #0: pipekit run --targets evaluate executor=sync" in proc.stderr
     assert "stages.train.params.C=0.1" in proc.stderr
     # Hydra writes its output directories only where the user asks for them
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()

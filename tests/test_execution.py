@@ -304,3 +304,16 @@ def test_user_config_dir_keeps_pipekit_groups(user_conf):
 def test_bad_override_in_python_is_a_config_error():
     with pytest.raises(pk.ConfigError, match="Could not override"):
         pk.load("cancer", overrides=["stages.nope.params.x=1"])
+
+
+def test_a_dataclass_output_feeds_its_fields_as_it_validates():
+    """`inputs: {a: split.test}` on a dataclass output reads the field, on every scheduler."""
+    for scheduler in ("sync", "threads"):
+        p = make(
+            {
+                "split": {"_target_": "split_data", "params": {"n": 6}},
+                "total": {"_target_": "add", "inputs": {"a": "split.train", "b": "split.test"}},
+            },
+            executor={"scheduler": scheduler},
+        )
+        assert p.validate().run(progress=False)["total"] == [0, 1, 2, 3, 4, 5]

@@ -21,7 +21,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("display", ("pipekit.display",)),
     ("tracking", ("pipekit.tracking",)),
     ("serve", ("pipekit.serve",)),
-    ("top", ("pipekit.pipeline", "pipekit.panel", "pipekit.cli", "pipekit.examples")),
+    (
+        "top",
+        (
+            "pipekit.pipeline",
+            "pipekit.panel",
+            "pipekit.cli",
+            "pipekit.examples",
+            "pipekit.export",
+            "pipekit.runlock",
+            "pipekit.sweep",
+        ),
+    ),
 ]
 
 

@@ -123,3 +123,22 @@ def test_tracking_notebook(tmp_path):
     [svg] = outputs(lineage_cell, "image/svg+xml")
     assert "cancer.train" in svg and "cancer.features" in svg
     json.dumps(nb)  # the executed notebook is still plain JSON
+
+
+def test_serving_notebook(tmp_path):
+    nb = execute("03-serving.ipynb", tmp_path)
+    for code_cell in nb.cells:
+        if code_cell.cell_type == "code":
+            outputs(code_cell, "no such type")  # asserts no cell raised
+    assert value(cell(nb, "exported = p.export()")) == ("cancer.serving", "1", "champion")
+    status, version, predictions = value(cell(nb, "rows = request_example"))
+    assert (status, version, len(predictions)) == (200, "1", 3)
+    assert set(predictions[0]) == {"diagnosis", "probability"}
+    status, message = value(cell(nb, "broken = "))
+    assert status == 400 and "missing inputs ['mean radius'" in message
+    assert value(cell(nb, "retrain = p.with_overrides")) == "cancer.serving/2"
+    seen, stages = value(cell(nb, "import time"))
+    assert seen == ["1", "2"]  # the server swapped to the retrained version, no restart
+    assert stages["train"] == "cancer.train/2"
+    assert value(cell(nb, "from pipekit.serve.batch import score")) is True  # batch == online
+    assert (tmp_path / "scores.parquet" / "part-00001.parquet").exists()  # by partitions

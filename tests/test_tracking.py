@@ -597,3 +597,40 @@ def test_cli_run_says_where_the_run_was_tracked(store, tmp_path, cli_env):
     parent = MlflowClient(store).get_run(run_id)  # the parent run itself
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
     assert parent.data.tags["pipekit.pipeline"] == "cancer"
+
+
+# --- start-up cost: MLflow imported early when the run is tracked ---------------------
+
+
+@pytest.mark.parametrize(
+    "section, on",
+    [
+        ({"backend": "local"}, True),
+        ({"backend": "server"}, True),
+        ({"backend": "off"}, False),
+        ({"backend": False}, False),  # YAML's bare `off`
+        ({"backend": "local", "enabled": False}, False),
+        (None, False),
+    ],
+)
+def test_mlflow_is_imported_early_only_for_a_tracked_run(section, on):
+    from pipekit.tracking import prewarm
+
+    assert prewarm.tracking_on(section) is on
+
+
+def test_prewarm_imports_the_store_modules_once_in_the_background():
+    import importlib
+    import sys as _sys
+
+    from pipekit.tracking import prewarm
+
+    prewarm.prewarm()
+    thread = prewarm._thread
+    if thread is not None:  # this process had not loaded them yet
+        thread.join(120)
+        assert not thread.is_alive()
+    assert all(name in _sys.modules for name in prewarm.MODULES)
+    prewarm.prewarm()  # again: nothing new is started
+    assert prewarm._thread is thread
+    importlib.import_module("mlflow.store.tracking.sqlalchemy_store")  # usable as loaded

@@ -262,9 +262,9 @@ def test_cli_verbose_shows_traceback(user_conf, cli_env, tmp_path):
     "override, fragment",
     [
         ("stages.trian.params.C=1", "Could not override 'stages.trian.params.C'"),
-        ("pipeline=nope", "available: cancer, wine"),
+        ("pipeline=nope", "available: book, cancer, wine"),
         ("stages.train.params.C=[", "overrides look like key=value"),
-        ("executor=gpu", "available: processes, sync, threads"),
+        ("executor=gpu", "available: distributed, processes, sync, threads"),
     ],
 )
 def test_cli_bad_override_is_one_line_exit_2(override, fragment, cli_env, tmp_path):

@@ -1,18 +1,28 @@
 """Fingerprints for the stage cache: code (with the project's own helpers), values, files.
 
 A stage's code fingerprint covers its function's bytecode, constants and defaults, and
-walks the globals it names to the functions, classes and simple constants of the
-user's own project (not the standard library or installed packages), recursively and
-bounded. Editing a helper in `mypkg/utils.py` therefore changes the key of every stage
-that calls it, which is what path-based caches (Ploomber, DVC, Hamilton) miss.
+walks the globals it names to the functions, classes and constants of the user's own
+project (not the standard library or installed packages), recursively and bounded.
+Editing a helper in `mypkg/utils.py` or a list `FEATURES = [...]` therefore changes the
+key of every stage that reads it, which is what path-based caches (Ploomber, DVC,
+Hamilton) miss.
 
-Per-object digests are memoised (keyed by the object, checked against its `__code__`),
-the walk itself is redone per planning pass so a rebound global in a notebook counts.
+A key must never stay the same when something the stage reads changed. When that cannot
+be promised (a constant with no deterministic token, such as a lock or an open file, or
+a walk cut off at `MAX_OBJECTS`), the fingerprint says so in `problems` and the planner
+treats the stage as not cacheable: it always runs.
+
+Per-function digests are memoised (keyed by the object, checked against its `__code__`);
+the walk and the constants are redone per planning pass, so a rebound or mutated global
+in a notebook counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import functools
 import glob
 import hashlib
 import json
@@ -22,12 +32,15 @@ import sys
 import sysconfig
 import types
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache, lru_cache
 from typing import Any
 
 #: At most this many functions/classes per code walk (a stage calling half a project).
+#: A walk that would need more makes the stage not cacheable (it always runs).
 MAX_OBJECTS = 400
+#: Constants nested deeper than this have no token (the stage is not cacheable).
+MAX_DEPTH = 64
 #: Watched files up to this size are hashed by content; bigger ones by mtime and size.
 CONTENT_HASH_LIMIT = 8 * 1024 * 1024
 #: At most this many files per watch pattern.
@@ -120,7 +133,7 @@ def _qualname(obj: Any) -> str:
 
 
 class _Own:
-    """One object's own digest and the global names its code refers to."""
+    """One function's own digest and the global names its code refers to."""
 
     __slots__ = ("check", "digest", "names")
 
@@ -141,6 +154,8 @@ def _code_parts(code: types.CodeType, parts: list[str], names: list[str]) -> Non
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             _code_parts(const, parts, names)
+        elif isinstance(const, frozenset):  # `x in {"a", "b"}`: repr order follows hashing
+            parts.append(f"frozenset({sorted(map(repr, const))})")
         else:
             parts.append(repr(const))
 
@@ -160,52 +175,277 @@ def _own_function(func: types.FunctionType) -> _Own:
     return own
 
 
-def _members(cls: type) -> list[tuple[str, Any]]:
+def _members(cls: type) -> list[tuple[str, types.FunctionType]]:
     """A class's own functions (methods, static/class methods, property accessors)."""
     found = []
     for name, attr in sorted(vars(cls).items()):
         if isinstance(attr, (staticmethod, classmethod)):
             attr = attr.__func__
+        elif isinstance(attr, functools.cached_property):
+            attr = attr.func
         if isinstance(attr, property):
             for accessor in (attr.fget, attr.fset, attr.fdel):
                 if isinstance(accessor, types.FunctionType):
                     found.append((name, accessor))
-        elif isinstance(attr, types.FunctionType) or (
-            isinstance(attr, _SIMPLE) and not name.startswith("__")
-        ):
+        elif isinstance(attr, types.FunctionType):
             found.append((name, attr))
     return found
 
 
-def _own_class(cls: type) -> _Own:
-    found = _OWN.get(cls)
-    if found is not None:
-        return found
+def _class_constants(cls: type) -> list[tuple[str, Any]]:
+    """A class's own data attributes (`FEATURES = [...]`, enum members, dataclass field
+    defaults); methods, descriptors and Python's own bookkeeping left out."""
+    found = []
+    for name, attr in vars(cls).items():
+        if name.startswith("__") or (name[:1] == "_" and name[-1:] == "_") or name == "_abc_impl":
+            continue  # dunders, enum sunders (_member_map_ ...), ABC caches
+        if isinstance(attr, (types.FunctionType, type)) or hasattr(type(attr), "__get__"):
+            continue  # methods (hashed as code), nested classes (walked), descriptors
+        found.append((name, attr))
+    return found
+
+
+def _own_class(cls: type) -> str:
+    """Digest of a class's name, bases and methods (its data attributes are tokenised by
+    the walk, every pass, as they may be mutated)."""
     parts = [cls.__qualname__, ",".join(_qualname(b) for b in cls.__bases__)]
     for name, member in _members(cls):
-        if isinstance(member, types.FunctionType):
-            parts.append(f"{name}:{_own_function(member).digest}")
-        else:
-            parts.append(f"{name}={member!r}")
-    own = _Own(None, digest("\x1f".join(parts)), ())
-    with contextlib.suppress(TypeError):
-        _OWN[cls] = own
-    return own
+        parts.append(f"{name}:{_own_function(member).digest}")
+    return digest("\x1f".join(parts))
 
 
-def code_digests(target: Callable[..., Any]) -> dict[str, str]:
-    """Digest of `target` and of every project function/class/constant it reaches.
+# --- constants ----------------------------------------------------------------------------
 
-    Returns {qualified name: digest}; the key uses all of it, `explain` names the changes.
+
+class Opaque(Exception):
+    """A value with no deterministic token: `str(exc)` says what it is, e.g. 'a _thread.lock'."""
+
+
+_REPR_TYPES = frozenset((int, float, complex, str, bytes, bool, type(None), range))
+_FLAT_CONTAINERS = frozenset((list, tuple, set, frozenset))
+
+
+@lru_cache(maxsize=1)
+def _repr_types() -> frozenset[type]:
+    """Types whose repr is a deterministic, complete description of the value."""
+    import datetime
+    import decimal
+    import fractions
+    import pathlib
+    import re
+    import uuid
+
+    extra = (
+        slice,
+        type(Ellipsis),
+        decimal.Decimal,
+        fractions.Fraction,
+        datetime.date,
+        datetime.datetime,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        uuid.UUID,
+        re.Pattern,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+    )
+    return frozenset((*_REPR_TYPES, *extra))
+
+
+@lru_cache(maxsize=1)
+def _opaque_types() -> tuple[type, ...]:
+    """State that changes under the same name, or that has no value to compare: locks,
+    files, sockets, threads, queues, generators and other iterators, weak references."""
+    import io
+    import queue
+    import socket
+    import threading
+
+    return (
+        type(threading.Lock()),
+        type(threading.RLock()),
+        threading.Condition,
+        threading.Semaphore,
+        threading.Event,
+        threading.Thread,
+        threading.Barrier,
+        io.IOBase,
+        socket.socket,
+        queue.Queue,
+        types.GeneratorType,
+        types.CoroutineType,
+        types.AsyncGeneratorType,
+        weakref.ref,
+        Iterator,
+    )
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+class _Tokens:
+    """Stable tokens of the constants a stage reads; pushes the project functions and
+    classes found inside them (a dispatch dict of helpers) onto the code walk."""
+
+    def __init__(self, push: Callable[[Any], None]):
+        self.push = push
+        self._path: set[int] = set()  # containers being tokenised (a cycle refers back)
+
+    def __call__(self, value: Any, where: str = "", depth: int = 0) -> str:
+        kind = type(value)
+        if kind in _repr_types():
+            return f"{kind.__name__}:{value!r}"
+        if depth > MAX_DEPTH:
+            raise Opaque(f"nested deeper than {MAX_DEPTH} levels{where and f' at {where}'}")
+        if isinstance(value, enum.Enum):
+            self._code(kind)
+            return f"enum:{_qualname(kind)}.{value.name}={self(value.value, where, depth + 1)}"
+        if isinstance(value, (types.FunctionType, type)):
+            self._code(value)
+            return f"code:{_qualname(value)}"
+        if isinstance(value, types.ModuleType):
+            return f"module:{value.__name__}"
+        try:  # a proxy may raise anything from attribute access
+            wrapped = getattr(value, "__wrapped__", None)
+        except Exception:
+            wrapped = None
+        if callable(value) and callable(wrapped) and not isinstance(value, type):
+            # `@functools.cache` and other wrapping decorators: the wrapped code counts,
+            # the wrapper's state (its memo) does not
+            return f"wrapped:{_qualname(value)}({self(wrapped, where, depth + 1)})"
+        if isinstance(value, (types.BuiltinFunctionType, types.MethodDescriptorType)):
+            name = f"builtin:{getattr(value, '__module__', '')}.{value.__qualname__}"
+            bound = getattr(value, "__self__", None)  # `CACHE.append` reads CACHE
+            if bound is None or isinstance(bound, types.ModuleType):
+                return name
+            return f"{name}({self(bound, where, depth + 1)})"
+        if id(value) in self._path:
+            return f"cycle:{kind.__name__}"
+        self._path.add(id(value))
+        try:
+            return self._compound(value, where, depth + 1)
+        finally:
+            self._path.discard(id(value))
+
+    def _code(self, obj: Any) -> None:
+        if isinstance(obj, (types.FunctionType, type)) and in_project(_module_of(obj)):
+            self.push(obj)
+
+    def _compound(self, value: Any, where: str, depth: int) -> str:
+        kind = type(value)
+        head = _qualname(kind)
+        if kind in _FLAT_CONTAINERS and all(type(v) in _REPR_TYPES for v in value):
+            # the common case, e.g. FEATURES = ["a", "b"]: one repr (sets sorted: their
+            # order follows string hashes, which differ between processes)
+            shown = sorted(map(repr, value)) if isinstance(value, (set, frozenset)) else value
+            return digest(f"{head}:{shown!r}")
+        if kind is dict and all(
+            type(k) in _REPR_TYPES and type(v) in _REPR_TYPES for k, v in value.items()
+        ):
+            return digest(f"{head}:{value!r}")
+        if isinstance(value, (list, tuple)):
+            self._code(kind)  # a namedtuple defined in the project
+            items = [self(v, f"{where}[{i}]", depth) for i, v in enumerate(value)]
+            return digest(f"{head}[{','.join(items)}]")
+        if isinstance(value, (set, frozenset)):
+            items = sorted(self(v, f"{where}{{...}}", depth) for v in value)
+            return digest(f"{head}{{{','.join(items)}}}")
+        if isinstance(value, (dict, types.MappingProxyType)):
+            parts = [
+                f"{self(k, where, depth)}:{self(v, f'{where}[{k!r}]', depth)}"
+                for k, v in value.items()
+            ]
+            factory = getattr(value, "default_factory", None)  # a defaultdict
+            if factory is not None:
+                parts.append(f"factory={self(factory, where, depth)}")
+            return digest(f"{head}{{{','.join(parts)}}}")
+        if isinstance(value, (types.MethodType, functools.partial)):
+            if isinstance(value, types.MethodType):
+                inner = (value.__func__, value.__self__)
+            else:
+                inner = (value.func, value.args, value.keywords)
+            return digest(f"{head}({self(inner, where, depth)})")
+        if isinstance(value, _opaque_types()):
+            raise Opaque(f"a {_type_name(value)}{where and f' at {where}'}")
+        if dataclasses.is_dataclass(value):
+            self._code(kind)
+            fields = [
+                f"{f.name}={self(getattr(value, f.name, None), f'{where}.{f.name}', depth)}"
+                for f in dataclasses.fields(value)
+            ]
+            return digest(f"{head}({','.join(fields)})")
+        state = getattr(value, "__dict__", None)
+        if in_project(_module_of(kind)) and isinstance(state, dict) and not _slotted(kind):
+            self._code(kind)  # an instance of the project's own class: its code and its state
+            return digest(f"{head}({self(state, where, depth)})")
+        return _library_token(value, where)
+
+
+def _slotted(kind: type) -> bool:
+    return any("__slots__" in vars(base) for base in kind.__mro__[:-1])
+
+
+def _library_token(value: Any, where: str) -> str:
+    """A deterministic dask token (arrays, frames, estimators, loggers...) or Opaque."""
+    import dask
+    from dask.base import tokenize
+
+    try:
+        with dask.config.set({"tokenize.ensure-deterministic": True}):
+            return f"{_type_name(value)}:{tokenize(value)}"
+    except Exception as exc:  # dask's TokenizationError, or whatever pickling raised
+        raise Opaque(
+            f"a value of type {_type_name(value)}{where and f' at {where}'} with no "
+            f"deterministic token"
+        ) from exc
+
+
+# --- the walk -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CodeFingerprint:
+    """{qualified name: digest} of a stage's code and constants, and why it cannot be
+    trusted (`problems`, e.g. 'helpers.STATE is a _thread.lock'): then never cache it."""
+
+    digests: dict[str, str]
+    problems: tuple[str, ...] = ()
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.problems
+
+
+def code_fingerprint(target: Callable[..., Any]) -> CodeFingerprint:
+    """Digest `target` and every project function, class and constant it reaches.
+
+    The walk stops after `MAX_OBJECTS` functions and classes; a walk cut off is a problem
+    (a helper beyond the limit could change unseen), as is a constant without a token.
     """
     out: dict[str, str] = {}
+    problems: list[str] = []
     seen: set[int] = set()
     stack: list[Any] = [target]
-    while stack and len(out) < MAX_OBJECTS:
+    tokens = _Tokens(stack.append)
+    visited = 0
+    while stack:
         obj = stack.pop()
         if id(obj) in seen:
             continue
+        if visited >= MAX_OBJECTS:
+            problems.append(
+                f"code walk stopped at MAX_OBJECTS={MAX_OBJECTS} functions and classes, so an "
+                f"edit beyond them could go unseen"
+            )
+            break
         seen.add(id(obj))
+        visited += 1
         wrapped = getattr(obj, "__wrapped__", None)
         if wrapped is not None and callable(wrapped):
             stack.append(wrapped)
@@ -214,27 +454,55 @@ def code_digests(target: Callable[..., Any]) -> dict[str, str]:
             continue
         if isinstance(obj, types.FunctionType):
             own = _own_function(obj)
-            out[_qualname(obj)] = own.digest
-            _follow(obj, own.names, obj.__globals__, stack, out)
-            for cell in obj.__closure__ or ():
+            name = _qualname(obj)
+            out[name] = own.digest
+            project = in_project(_module_of(obj))
+            _follow(own.names, obj.__globals__, stack, out, problems, tokens)
+            for i, cell in enumerate(obj.__closure__ or ()):
                 try:
                     content = cell.cell_contents
                 except ValueError:  # an empty cell
                     continue
+                free = obj.__code__.co_freevars[i] if i < len(obj.__code__.co_freevars) else i
                 if _is_project_code(content):
                     stack.append(content)
+                elif project:
+                    _record(f"{name}:<closure {free}>", content, out, problems, tokens)
                 elif isinstance(content, _SIMPLE):
-                    out[f"{_qualname(obj)}:<closure>"] = digest(repr(content))
+                    out[f"{name}:<closure>"] = digest(repr(content))
         elif isinstance(obj, type):
-            out[_qualname(obj)] = _own_class(obj).digest
+            name = _qualname(obj)
+            out[name] = _own_class(obj)
             if obj is target or in_project(_module_of(obj)):
                 for _, member in _members(obj):
-                    if isinstance(member, types.FunctionType):
-                        _follow(obj, _own_function(member).names, member.__globals__, stack, out)
+                    if obj is not target and not in_project(_module_of(member)):
+                        continue  # e.g. Enum.__new__, set on every enum class
+                    _follow(
+                        _own_function(member).names,
+                        member.__globals__,
+                        stack,
+                        out,
+                        problems,
+                        tokens,
+                    )
+                for attr, value in _class_constants(obj):
+                    _record(f"{name}.{attr}", value, out, problems, tokens)
         else:  # a callable instance or something exotic: its type plus a value token
-            out[_qualname(type(obj))] = value_token(obj)
+            _record(_qualname(type(obj)), obj, out, problems, tokens)
             if _is_project_code(type(obj)):
                 stack.append(type(obj))
+    return CodeFingerprint(out, tuple(problems))
+
+
+def code_digests(target: Callable[..., Any]) -> dict[str, str]:
+    """{qualified name: digest} of `target`'s code walk. A walk with problems gets an entry
+    that differs on every call, so whoever keys on these digests never gets a stale hit."""
+    found = code_fingerprint(target)
+    out = dict(found.digests)
+    if found.problems:
+        import uuid
+
+        out["<not cacheable>"] = uuid.uuid4().hex
     return out
 
 
@@ -242,15 +510,33 @@ def _is_project_code(obj: Any) -> bool:
     return isinstance(obj, (types.FunctionType, type)) and in_project(_module_of(obj))
 
 
+def _record(
+    label: str, value: Any, out: dict[str, str], problems: list[str], tokens: _Tokens
+) -> None:
+    """Add a constant's token to `out`, or a problem when it has none."""
+    try:
+        out[label] = tokens(value)
+    except Opaque as exc:
+        out[label] = "<no token>"
+        problems.append(f"{label} is {exc}")
+    except RecursionError:
+        out[label] = "<no token>"
+        problems.append(f"{label} is nested too deeply")
+
+
 def _follow(
-    owner: Any,
     names: Iterable[str],
     namespace: Mapping[str, Any],
     stack: list[Any],
     out: dict[str, str],
+    problems: list[str],
+    tokens: _Tokens,
 ) -> None:
-    """Push the project functions/classes among `names`; record simple module constants."""
+    """Push the project functions/classes among `names` and record the constants they
+    name: every kind in the project's modules, scalars only in other packages' modules."""
     modules = []
+    module_name = namespace.get("__name__", "?")
+    project = in_project(module_name) if isinstance(module_name, str) else False
     for name in names:
         if name not in namespace:
             continue  # a builtin, an attribute name, or a local
@@ -261,17 +547,21 @@ def _follow(
         elif isinstance(value, types.ModuleType):
             if in_project(value.__name__):
                 modules.append(value)
+        elif project:
+            _record(f"{module_name}.{name}", value, out, problems, tokens)
         elif isinstance(value, _SIMPLE):
-            module = namespace.get("__name__", "?")
-            out[f"{module}.{name}"] = digest(repr(value))
+            out[f"{module_name}.{name}"] = digest(repr(value))
     for module in modules:  # `helpers.clean(x)`: co_names holds both 'helpers' and 'clean'
         attrs = vars(module)
         for name in names:
-            value = attrs.get(name)
-            if isinstance(value, (types.FunctionType, type)) and in_project(_module_of(value)):
-                stack.append(value)
-            elif isinstance(value, _SIMPLE) and name in attrs:
-                out[f"{module.__name__}.{name}"] = digest(repr(value))
+            if name not in attrs:
+                continue
+            value = attrs[name]
+            if isinstance(value, (types.FunctionType, type)):
+                if in_project(_module_of(value)):
+                    stack.append(value)
+            elif not isinstance(value, types.ModuleType):
+                _record(f"{module.__name__}.{name}", value, out, problems, tokens)
 
 
 def combined(digests: Mapping[str, str]) -> str:
@@ -330,4 +620,18 @@ def watch_digests(patterns: Iterable[str], root: str | None = None) -> dict[str,
         for path in files[:MAX_WATCHED_FILES]:
             shown = os.path.relpath(path, root) if root else path
             out[shown] = file_digest(path)
+    return out
+
+
+def outs_digests(paths: Iterable[str], root: str | None = None) -> dict[str, str]:
+    """{path: digest} of a stage's declared outputs (files, and every file under a
+    directory), named relative to `root` like watched files; a missing one is "missing"."""
+    out: dict[str, str] = {}
+    for path in paths:
+        found = watch_digests([glob.escape(path)], root)
+        for name, value in found.items():
+            if value == "missing" and name == glob.escape(path):
+                full = os.path.join(root, path) if root and not os.path.isabs(path) else path
+                name = os.path.relpath(full, root) if root else path
+            out[name] = value
     return out

@@ -1,39 +1,49 @@
-"""The stage cache store: stage outputs by key, written atomically.
+"""The stage cache store: stage outputs by key, written atomically, verified on load.
 
 An entry is `values/<key>.pkl` (cloudpickle) plus `entries/<key>.json` (the manifest),
 each written to a temp file and renamed into place, manifest last: an entry exists only
-once both are complete, so a killed run leaves no half entry.
+once both are complete, so a killed run leaves no half entry. The manifest records the
+value's size and blake2b checksum; a value that does not match is never unpickled.
 `last/<pipeline>/<stage>.json` remembers what the stage was last computed from, so
 `explain` can say "params changed: C 1.0 → 0.5".
+
+The root holds a marker file, `.pipekit-cache`, written with the first entry: `clear` and
+`prune` work only in a directory that has it, and remove only files of the shapes the
+store writes, so a mistyped `--path` or a user's file in `values/` is never deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 from urllib.parse import quote
 
-from ..core.spec import backend_name
+from ..core.sections import checked
 from ..core.text import age, human_size, table
-from ..errors import CacheConfigError, CacheEntryError, did_you_mean, where
+from ..errors import CacheConfigError, CacheEntryError, CacheNotOursError, where
 
 #: Bump when the key recipe or the entry format changes: old entries become misses.
-FORMAT = 1
+#: 2: constants of every kind in the code fingerprint, value checksums, the root marker.
+FORMAT = 2
 
-BACKEND_KEYS: dict[str, set[str]] = {
-    "off": {"backend"},
-    "local": {"backend", "path"},
-    "fsspec": {"backend", "url", "options"},
-}
+#: The file at a cache root that says "pipekit's cache": clear/prune need it.
+MARKER = ".pipekit-cache"
+#: The checksum recorded in manifests (of the value file's bytes).
+CHECKSUM = "blake2b"
+#: The folders under a cache root that hold the store's files.
+FOLDERS = ("entries", "values", "last")
 
 _TMP = ".tmp-"
+_KEY_FILE = re.compile(r"[0-9a-f]{16,128}\.(json|pkl)")
 
 # --- storage primitives -------------------------------------------------------------------
 
@@ -81,10 +91,28 @@ class _LocalFS:
             return None
         return st.st_size, st.st_mtime
 
-    def rmtree(self, path: str) -> None:
-        import shutil
+    def scan(self, path: str) -> list[tuple[str, bool, int, float]]:
+        """(name, is a directory, size, mtime) of what folder `path` holds; [] if none."""
+        found = []
+        try:
+            with os.scandir(path) as items:
+                for item in items:
+                    with suppress(OSError):
+                        st = item.stat(follow_symlinks=False)
+                        is_dir = item.is_dir(follow_symlinks=False)
+                        found.append((item.name, is_dir, st.st_size, st.st_mtime))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return found
 
-        shutil.rmtree(path, ignore_errors=True)
+    def rmdir(self, path: str) -> None:
+        """Remove folder `path` if it is empty (never its contents)."""
+        with suppress(OSError):
+            os.rmdir(path)
+
+    def local_path(self, path: str) -> str | None:
+        """The real path on this machine's disk, or None for a remote store."""
+        return os.path.realpath(path)
 
 
 class _FsspecFS(_LocalFS):
@@ -146,9 +174,30 @@ class _FsspecFS(_LocalFS):
             mtime = mtime.timestamp()
         return int(info.get("size") or 0), float(mtime)
 
-    def rmtree(self, path: str) -> None:
-        with suppress(FileNotFoundError):
-            self.fs.rm(path, recursive=True)
+    def scan(self, path: str) -> list[tuple[str, bool, int, float]]:
+        try:
+            items = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = []
+        for info in items:
+            name = str(info.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+            mtime = info.get("mtime") or info.get("created") or info.get("LastModified") or 0
+            if hasattr(mtime, "timestamp"):
+                mtime = mtime.timestamp()
+            is_dir = info.get("type") == "directory"
+            found.append((name, is_dir, int(info.get("size") or 0), float(mtime)))
+        return found
+
+    def rmdir(self, path: str) -> None:
+        with suppress(Exception):  # object stores have no folders to remove
+            if self.fs.isdir(path) and not self.fs.ls(path, detail=False):
+                self.fs.rmdir(path)
+
+    def local_path(self, path: str) -> str | None:
+        protocol = self.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return os.path.realpath(path) if {"file", "local"} & set(protocols) else None
 
 
 # --- the store ----------------------------------------------------------------------------
@@ -163,6 +212,7 @@ class CacheStore:
         self.display = display or root
         self.entries_dir = self.fs.join(root, "entries")  # manifests: listed once per run
         self.values_dir = self.fs.join(root, "values")
+        self._marked = False  # the root's marker file is known to exist
 
     def __repr__(self) -> str:
         return f"<CacheStore {self.display}>"
@@ -222,6 +272,14 @@ class CacheStore:
             raise CacheEntryError(
                 f"cache entry {key[:12]} is truncated: {len(data)} of {manifest.get('size')} bytes"
             )
+        recorded = manifest.get("checksum")
+        if not isinstance(recorded, str) or not recorded.startswith(f"{CHECKSUM}:"):
+            raise CacheEntryError(f"cache entry {key[:12]} has no {CHECKSUM} checksum to verify")
+        if f"{CHECKSUM}:{_checksum(data).hexdigest()}" != recorded:  # before unpickling it
+            raise CacheEntryError(
+                f"cache entry {key[:12]} fails its {CHECKSUM} checksum: the value file is not "
+                f"the one written for this key (replaced, swapped or damaged)"
+            )
         try:
             return cloudpickle.loads(data)
         except Exception as exc:
@@ -243,15 +301,17 @@ class CacheStore:
         """Store `value` under `key`: value file, then manifest, then the stage's last pointer."""
         import cloudpickle
 
+        self.mark()
         with self.fs.write_atomic(self._path(key, ".pkl")) as handle:
-            cloudpickle.dump(value, handle, protocol=5)
-            size = handle.tell()
+            sink = _Checksummed(handle)
+            cloudpickle.dump(value, sink, protocol=5)
         manifest = {
             **info,
             "key": key,
             "format": FORMAT,
             "created": time.time(),
-            "size": size,
+            "size": sink.size,
+            "checksum": f"{CHECKSUM}:{sink.hasher.hexdigest()}",
             "python": sys.version.split()[0],
             "pickle": {"library": "cloudpickle", "version": cloudpickle.__version__, "protocol": 5},
         }
@@ -259,6 +319,22 @@ class CacheStore:
         if info.get("pipeline") and info.get("stage"):
             self._write_json(self._last_path(info["pipeline"], info["stage"]), manifest)
         return manifest
+
+    def remember(self, pipeline: str, stage: str, info: Mapping[str, Any]) -> None:
+        """Update the stage's last pointer with `info` (a stage that stores no value, such as
+        a `cache: false` one, records its output digest there for `explain`)."""
+        self.mark()
+        self._write_json(self._last_path(pipeline, stage), {**info, "created": time.time()})
+
+    def mark(self) -> None:
+        """Write the marker file that makes the root recognisably pipekit's cache (once)."""
+        if self._marked:
+            return
+        path = self.fs.join(self.root, MARKER)
+        if self.fs.stat(path) is None:
+            with self.fs.write_atomic(path) as handle:
+                handle.write(f"pipekit cache\nformat {FORMAT}\n".encode())
+        self._marked = True
 
     def remove(self, key: str) -> None:
         """Delete an entry (manifest first, so no reader sees a manifest without its value)."""
@@ -284,27 +360,102 @@ class CacheStore:
             found.append(manifest)
         return sorted(found, key=lambda m: m.get("created") or 0.0)
 
+    def files(self) -> tuple[list[tuple[str, int, float]], list[str]]:
+        """The store's own files under entries/, values/ and last/ as (path, size, mtime),
+        and everything else found there (relative paths): what `clear` must not touch."""
+        ours: list[tuple[str, int, float]] = []
+        foreign: list[str] = []
+        for folder, suffix in (("entries", ".json"), ("values", ".pkl")):
+            base = self.fs.join(self.root, folder)
+            for name, is_dir, size, mtime in self.fs.scan(base):
+                if not is_dir and (
+                    name.startswith(_TMP) or (name.endswith(suffix) and _KEY_FILE.fullmatch(name))
+                ):
+                    ours.append((self.fs.join(base, name), size, mtime))
+                else:
+                    foreign.append(f"{folder}/{name}")
+        last = self.fs.join(self.root, "last")
+        for pipeline, is_dir, _, _ in self.fs.scan(last):
+            if not is_dir:
+                foreign.append(f"last/{pipeline}")
+                continue
+            base = self.fs.join(last, pipeline)
+            for name, inner_dir, size, mtime in self.fs.scan(base):
+                if not inner_dir and (name.endswith(".json") or name.startswith(_TMP)):
+                    ours.append((self.fs.join(base, name), size, mtime))
+                else:
+                    foreign.append(f"last/{pipeline}/{name}")
+        return ours, sorted(foreign)
+
+    def claim(self, action: str) -> bool:
+        """Check that `action` (clear, prune) may remove files here, else CacheNotOursError.
+
+        Refused: `/`, the home directory (or a folder above it), a directory without the
+        marker file, one holding files pipekit did not write. A cache made before the
+        marker existed (only pipekit's files, with pipekit manifests) is adopted: the
+        marker is written and True returned.
+        """
+        shown = self.display
+        local = self.fs.local_path(self.root)
+        home = os.path.realpath(os.path.expanduser("~"))
+        if self.root.strip("/") == "" or (
+            local is not None
+            and (local == os.sep or home == local or home.startswith(local + os.sep))
+        ):
+            raise CacheNotOursError(
+                f"refusing to {action} {shown}: it is the root or home directory, never a "
+                f"cache; pass the cache directory itself, e.g. --path .pipekit/cache"
+            )
+        if self.fs.stat(self.root) is None and not self.fs.scan(self.root):
+            raise CacheNotOursError(
+                f"there is no cache at {shown}: nothing to {action} (check --path/--url)"
+            )
+        _, foreign = self.files()
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise CacheNotOursError(
+                f"refusing to {action} {shown}: it holds files pipekit did not write "
+                f"({', '.join(foreign[:3])}{more}); move them out of the cache first, "
+                f"nothing was removed"
+            )
+        if self.fs.stat(self.fs.join(self.root, MARKER)) is not None:
+            return False
+        if not self._old_cache():
+            raise CacheNotOursError(
+                f"refusing to {action} {shown}: it is not a pipekit cache (no {MARKER} file); "
+                f"pipekit removes files only from caches it created"
+            )
+        self.mark()
+        return True
+
+    def _old_cache(self) -> bool:
+        """A cache written before the marker existed: it has a pipekit manifest."""
+        for key in sorted(self.keys())[:20]:
+            manifest = self.manifest(key)
+            if manifest and "pickle" in manifest and "format" in manifest:
+                return True
+        return False
+
     def orphans(self, min_age: float = 3600.0) -> list[str]:
-        """Value and temp files without a manifest, older than `min_age` seconds (from killed
-        runs); younger ones may belong to a run still writing."""
+        """The store's value and temp files without a manifest, older than `min_age` seconds
+        (from killed runs); younger ones may belong to a run still writing."""
         keys = self.keys()
         now = time.time()
         out = []
         for folder in (self.entries_dir, self.values_dir):
-            for name in self.fs.listdir(folder):
+            for name, is_dir, _, mtime in self.fs.scan(folder):
+                if is_dir or not (name.startswith(_TMP) or _KEY_FILE.fullmatch(name)):
+                    continue  # not a file the store writes
                 if not name.startswith(_TMP) and name.rsplit(".", 1)[0] in keys:
                     continue
-                path = self.fs.join(folder, name)
-                stat = self.fs.stat(path)
-                if stat is not None and now - stat[1] >= min_age:
-                    out.append(path)
+                if now - mtime >= min_age:
+                    out.append(self.fs.join(folder, name))
         return out
 
-    def prune(
-        self, older_than: float | None = None, max_size: int | None = None
-    ) -> tuple[int, int]:
+    def prune(self, older_than: float | None = None, max_size: int | None = None) -> Removed:
         """Remove entries older than `older_than` seconds, then the oldest until the total is
-        at most `max_size` bytes, then orphaned files. Returns (entries removed, bytes freed)."""
+        at most `max_size` bytes, then orphaned files. Only in a directory `claim` accepts."""
+        self.claim("prune")
         now = time.time()
         entries = self.entries()
         doomed: list[dict[str, Any]] = []
@@ -318,23 +469,81 @@ class CacheStore:
                 oldest = keep.pop(0)
                 total -= int(oldest.get("size") or 0)
                 doomed.append(oldest)
-        freed = 0
+        files = freed = 0
         for entry in doomed:
-            self.remove(entry["key"])
-            freed += int(entry.get("size") or 0)
+            key = entry["key"]
+            for path in (self._path(key, ".json"), self._path(key, ".pkl")):
+                stat = self.fs.stat(path)
+                if stat is not None:
+                    files, freed = files + 1, freed + stat[0]
+            self.remove(key)
         for path in self.orphans():
             stat = self.fs.stat(path)
             self.fs.remove(path)
-            freed += stat[0] if stat else 0
-        return len(doomed), freed
+            files, freed = files + 1, freed + (stat[0] if stat else 0)
+        return Removed(len(doomed), files, freed)
 
-    def clear(self) -> int:
-        """Remove every entry and last pointer; returns how many entries there were."""
-        count = len(self.keys())
-        self.fs.rmtree(self.entries_dir)
-        self.fs.rmtree(self.values_dir)
-        self.fs.rmtree(self.fs.join(self.root, "last"))
-        return count
+    def clear(self) -> Removed:
+        """Remove every entry, last pointer and temp file (only the store's own files, only
+        in a directory `claim` accepts); the marker stays."""
+        self.claim("clear")
+        entries = len(self.keys())
+        ours, _ = self.files()
+        order = {"entries": 0, "values": 1, "last": 2}  # manifests first: no half entry seen
+        ours.sort(key=lambda f: order.get(f[0][len(self.root) :].strip("/\\").split("/")[0], 3))
+        for path, _, _ in ours:
+            self.fs.remove(path)
+        last = self.fs.join(self.root, "last")
+        for pipeline, is_dir, _, _ in self.fs.scan(last):
+            if is_dir:
+                self.fs.rmdir(self.fs.join(last, pipeline))
+        for folder in FOLDERS:
+            self.fs.rmdir(self.fs.join(self.root, folder))
+        return Removed(entries, len(ours), sum(size for _, size, _ in ours))
+
+
+class Removed(NamedTuple):
+    """What `clear`/`prune` removed: entries, files (with temp files), bytes."""
+
+    entries: int
+    files: int
+    bytes: int
+
+
+class _Checksummed:
+    """A write-only file wrapper that counts and hashes what goes through it."""
+
+    __slots__ = ("handle", "hasher", "size")
+
+    def __init__(self, handle: IO[bytes]):
+        self.handle, self.hasher, self.size = handle, _checksum(b""), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.hasher.update(view)
+        self.size += view.nbytes
+        return self.handle.write(data)
+
+
+def _checksum(data: bytes) -> Any:
+    return hashlib.blake2b(data, digest_size=32)
+
+
+def value_checksum(value: Any) -> str:
+    """The checksum `put` records for `value` (its cloudpickle, protocol 5): the content
+    digest of a stage's output, computed the same way where no entry is written."""
+    import cloudpickle
+
+    sink = _Checksummed(_Discard())
+    cloudpickle.dump(value, sink, protocol=5)
+    return f"{CHECKSUM}:{sink.hasher.hexdigest()}"
+
+
+class _Discard:
+    """A file that keeps nothing (hashing a pickle without holding its bytes)."""
+
+    def write(self, data: Any) -> int:
+        return memoryview(data).nbytes
 
 
 def open_store(
@@ -347,41 +556,26 @@ def open_store(
     """
     if not section:
         return None
-    backend = backend_name(section, "local")
-    if backend not in BACKEND_KEYS:
-        raise CacheConfigError(
-            f"{where(pipeline, key='cache.backend')} '{backend}' is unknown"
-            f"{did_you_mean(str(backend), BACKEND_KEYS)}; use one of {', '.join(BACKEND_KEYS)} "
-            f"(e.g. cache=local, or cache.backend=fsspec cache.url=s3://bucket/cache)"
-        )
-    for key in section:
-        if key not in BACKEND_KEYS[backend]:
-            raise CacheConfigError(
-                f"{where(pipeline, key=f'cache.{key}')} is not a setting of the '{backend}' "
-                f"backend{did_you_mean(str(key), BACKEND_KEYS[backend])}; it takes "
-                f"{', '.join(sorted(BACKEND_KEYS[backend]))}"
-            )
+    values = checked(pipeline, "cache", section)  # the shared schema: keys, types, URL
+    backend = values["backend"]
     if backend == "off":
         return None
     if backend == "local":
-        path = section.get("path") or ".pipekit/cache"
-        if not isinstance(path, str):
-            raise CacheConfigError(f"{where(pipeline, key='cache.path')} must be a directory path")
-        root = Path(path).expanduser()
+        root = Path(values["path"] or ".pipekit/cache").expanduser()
         if not root.is_absolute():
             root = Path(base or original_cwd()) / root
         return CacheStore(str(root))
-    url = section.get("url")
-    if not isinstance(url, str) or ("://" not in url and not url.startswith("/")):
-        raise CacheConfigError(
-            f"{where(pipeline, key='cache.url')} must be an fsspec URL such as "
-            f"file:///shared/cache, s3://bucket/cache or memory://cache, got {url!r}"
-        )
-    options = section.get("options") or {}
-    if not isinstance(options, Mapping):
-        raise CacheConfigError(f"{where(pipeline, key='cache.options')} must be a mapping")
+    url, options = values["url"], values["options"] or {}
     fs = _FsspecFS(url, options)
-    root = fs.fs._strip_protocol(url)
+    try:
+        root = fs.fs._strip_protocol(url)
+    except Exception as exc:  # a missing package, bad options, unreachable credentials...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CacheConfigError(
+            f"{where(pipeline, key='cache.url')} '{url}' cannot be opened with fsspec "
+            f"({type(exc).__name__}{f': {detail}' if detail else ''}); check the URL, the "
+            f"packages its protocol needs and cache.options"
+        ) from exc
     return CacheStore(str(root).rstrip("/") or "/", fs, display=url)
 
 

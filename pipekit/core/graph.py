@@ -117,7 +117,8 @@ def check_edges(spec: PipelineSpec) -> Graph:
     names = spec.stages
     for stage in names.values():
         for arg, ref in stage.inputs.items():
-            _check_ref(spec.name, stage.name, f"input '{arg}'", ref.stage, names)
+            for source in ref.sources:  # a fan-in reads every member of a matrix
+                _check_ref(spec.name, stage.name, f"input '{arg}'", source, names)
         for dep in stage.after:
             _check_ref(spec.name, stage.name, "'after'", dep, names)
     graph = Graph.of(spec)
@@ -130,6 +131,8 @@ def check_edges(spec: PipelineSpec) -> Graph:
 def check_targets(spec: PipelineSpec, targets: Iterable[str] | str) -> list[str]:
     """Validate names asked for in `targets` (one name or several); return them as a list."""
     targets = [targets] if isinstance(targets, str) else list(targets)
+    if spec.matrices:  # `train` means every member, `train[region=eu]` the matching ones
+        return _matrix_targets(spec, targets)
     for name in targets:
         if name not in spec.stages:
             raise UnknownStageError(
@@ -137,6 +140,22 @@ def check_targets(spec: PipelineSpec, targets: Iterable[str] | str) -> list[str]
                 f"{did_you_mean(name, spec.stages)}; stages are {', '.join(spec.stages)}"
             )
     return targets
+
+
+def _matrix_targets(spec: PipelineSpec, targets: list[str]) -> list[str]:
+    from .matrix import names_for_messages, target_names
+
+    found: list[str] = []
+    for name in targets:
+        names = target_names(spec.stages, spec.matrices, name)
+        if names is None:
+            known = names_for_messages(spec.stages, spec.matrices)
+            raise UnknownStageError(
+                f"{where(spec.name)}: target '{name}' is not a stage or matrix member"
+                f"{did_you_mean(name, known)}; stages are {', '.join(known)}"
+            )
+        found.extend(names)
+    return list(dict.fromkeys(found))
 
 
 def _check_ref(pipeline: str, stage: str, what: str, ref: str, names: Mapping) -> None:

@@ -22,11 +22,14 @@ class RunResult(Mapping[str, Any]):
         run_id: str = "",
         reasons: Mapping[str, str] | None = None,
         lazy: Mapping[str, Callable[[], Any]] | None = None,
+        stored_metrics: Mapping[str, Callable[[], Mapping[str, Any]]] | None = None,
     ):
         self.pipeline = pipeline
         self.outputs = dict(outputs)
         #: cached stages whose output nobody needed during the run: loaded on first access
         self._lazy: dict[str, Callable[[], Any]] = dict(lazy or {})
+        #: the metrics recorded with those cached outputs (read without loading them)
+        self._stored_metrics = dict(stored_metrics or {})
         self.status: dict[str, State] = dict(status)
         self.durations: dict[str, float] = dict(durations or {})
         self.errors: dict[str, StageError] = dict(errors or {})
@@ -77,12 +80,17 @@ class RunResult(Mapping[str, Any]):
         return [name for name, state in self.status.items() if state == "failed"]
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        """Numeric scalars of dict outputs, by stage: what tracking logs as metrics."""
+        """Numeric scalars of dict outputs, by stage: what tracking logs as metrics.
+
+        Cached outputs not yet read report the metrics stored with their entry."""
         from .metrics import numeric_items
 
         found = {}
         for name in list(self):
-            items = numeric_items(self[name])
+            if name in self._lazy and name in self._stored_metrics:
+                items = numeric_items(self._stored_metrics[name]())  # no unpickling
+            else:
+                items = numeric_items(self[name])
             if items:
                 found[name] = items
         return found

@@ -21,6 +21,7 @@ from ..errors import (
     did_you_mean,
     where,
 )
+from .refs import Ref
 
 #: Keys a stage may have, with a one-line meaning (used in errors and the docs).
 STAGE_KEYS = {
@@ -31,10 +32,15 @@ STAGE_KEYS = {
     "retries": "how many times to re-run a failing stage",
     "model": "true when the output is a fitted model (logged and registered)",
     "metrics": "keys of the dict output to log as metrics",
-    "cache": "false to always recompute this stage",
+    "cache": "false to always recompute this stage, or {ttl: 5m} to recompute after a time",
     "watch": "files or globs whose content the stage depends on (cache key)",
+    "outs": "files or directories the stage writes (hashed with its cache entry)",
     "promote": "alias set on upstream model versions when this stage passes",
     "description": "free text shown in drawings and docs",
+    "resources": "abstract worker resources the stage needs, e.g. {GPU: 1} (executor=distributed)",
+    "matrix": "mapping param -> list of values: one member per combination (core/matrix.py)",
+    "foreach": "list of values: one member per value, passed as the param 'item'",
+    "members": "list of {where: {axis: value}, params: {...}}: params for matching members",
 }
 
 #: Top-level keys of a composed config that pipekit reads or tolerates.
@@ -49,26 +55,13 @@ TOP_LEVEL_KEYS = {
     "vars",
     "seed",
     "hydra",
+    "sweep",  # sweep.metric / sweep.mode: how `pipekit run -m` ranks jobs (pipekit/sweep.py)
+    "schedule",  # cron expression for schedulers (`pipekit export airflow`, docs/production.md)
+    "concurrency",  # wait | skip: what a run does while another run holds the run lock
 }
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)")
-
-
-@dataclass(frozen=True, slots=True)
-class Ref:
-    """An edge source: the output of `stage`, or `output[key]` when `key` is set."""
-
-    stage: str
-    key: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Ref:
-        stage, _, key = text.partition(".")
-        return cls(stage, key or None)
-
-    def __str__(self) -> str:
-        return f"{self.stage}.{self.key}" if self.key else self.stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +78,21 @@ class Stage:
     metrics: tuple[str, ...] = ()
     cache: bool = True
     watch: tuple[str, ...] = ()
+    #: files/directories the stage writes (`outs:`), relative to the run's start directory
+    outs: tuple[str, ...] = ()
+    #: `cache: {ttl: 5m}`: seconds after which the stored output expires (the stage re-runs)
+    ttl: float | None = None
     promote: str | None = None
     description: str = ""
+    #: worker resources (executor=distributed), e.g. {"GPU": 1}
+    resources: Mapping[str, float] = field(default_factory=dict)
+    #: a matrix member's values, e.g. {"region": "eu"} (empty for other stages)
+    matrix: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def upstream(self) -> tuple[str, ...]:
         """Stages this one waits for, inputs first, without duplicates, in declared order."""
-        seen = dict.fromkeys(ref.stage for ref in self.inputs.values())
+        seen = dict.fromkeys(dep for ref in self.inputs.values() for dep in ref.sources)
         seen.update(dict.fromkeys(self.after))
         return tuple(seen)
 
@@ -103,6 +104,8 @@ class PipelineSpec:
     name: str
     stages: Mapping[str, Stage]
     config: Mapping[str, Any]
+    #: matrix stages: declared name -> member names (core/matrix.py)
+    matrices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def section(self, key: str) -> dict[str, Any]:
         """A top-level config section (`executor`, `tracking`, `cache`, ...) or {}."""
@@ -142,7 +145,14 @@ def parse_pipeline(
             f"got {type(stages).__name__}"
         )
     parsed = {str(k): _parse_stage(name, str(k), v) for k, v in stages.items()}
-    return PipelineSpec(name=name, stages=MappingProxyType(parsed), config=config)
+    matrices: dict[str, tuple[str, ...]] = {}
+    from .matrix import expand, has_matrix  # members expand after composition: no YAML
+
+    if has_matrix(stages):
+        parsed, matrices = expand(name, parsed, stages)
+    return PipelineSpec(
+        name=name, stages=MappingProxyType(parsed), config=config, matrices=matrices
+    )
 
 
 def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
@@ -188,6 +198,7 @@ def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
         raise ConfigTypeError(f"{where(pipeline, name, 'retries')} must be >= 0, got {retries}")
     metrics = typed("metrics", (list, tuple), "a list of output keys", [])
     watch = typed("watch", (list, tuple), "a list of file paths or globs", [])
+    outs = typed("outs", (list, tuple), "a list of file or directory paths", [])
 
     inputs: dict[str, Ref] = {}
     for arg, source in raw_inputs.items():
@@ -197,12 +208,20 @@ def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
                 f"got {type(source).__name__} {source!r}"
             )
         inputs[str(arg)] = Ref.parse(source)
-    for item, what in ((after, "after"), (metrics, "metrics"), (watch, "watch")):
+    for item, what in ((after, "after"), (metrics, "metrics"), (watch, "watch"), (outs, "outs")):
         for value in item:
             if not isinstance(value, str):
                 raise ConfigTypeError(
                     f"{where(pipeline, name, what)} items must be strings, got {value!r}"
                 )
+    for value in outs:
+        if not value or any(c in value for c in "*?["):
+            raise ConfigTypeError(
+                f"{where(pipeline, name, 'outs')} item {value!r} is not a path: stages.{name}.outs "
+                f"lists the files or directories the stage writes (no globs), e.g. "
+                f"[data/combined.csv, data/raw/]"
+            )
+    cache, ttl = _cache(pipeline, name, raw.get("cache"))
     both = sorted(set(inputs) & {str(k) for k in params})
     if both:
         raise DuplicateArgumentError(
@@ -218,11 +237,68 @@ def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
         retries=retries,
         model=bool(typed("model", bool, "true or false", False)),
         metrics=tuple(metrics),
-        cache=bool(typed("cache", bool, "true or false", True)),
+        cache=cache,
         watch=tuple(watch),
+        outs=tuple(outs),
+        ttl=ttl,
         promote=typed("promote", str, "an alias name such as 'champion'", None),
         description=typed("description", str, "a string", ""),
+        resources=_resources(pipeline, name, raw.get("resources")),
     )
+
+
+def _cache(pipeline: str, name: str, raw: Any) -> tuple[bool, float | None]:
+    """`cache: true|false` or `cache: {ttl: 5m}` (the stored output expires after 5 minutes)."""
+    if raw is None or isinstance(raw, bool):
+        return raw is not False, None
+    hint = (
+        f"set stages.{name}.cache to true, false or a mapping with a ttl such as {{ttl: 5m}} "
+        f"(durations: 45s, 30m, 12h, 7d)"
+    )
+    if not isinstance(raw, Mapping):
+        raise ConfigTypeError(
+            f"{where(pipeline, name, 'cache')}: stages.{name}.cache must be true, false or "
+            f"{{ttl: <duration>}}, got {type(raw).__name__} {raw!r}; {hint}"
+        )
+    for key in raw:
+        if key != "ttl":
+            raise UnknownKeyError(
+                f"{where(pipeline, name, 'cache')}: unknown key '{key}' in stages.{name}.cache"
+                f"{did_you_mean(str(key), ['ttl'])}; {hint}"
+            )
+    from .text import parse_duration
+
+    value = raw.get("ttl")
+    try:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(repr(value))
+        seconds = parse_duration(str(value))
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigTypeError(
+            f"{where(pipeline, name, 'cache')}: stages.{name}.cache.ttl must be a positive "
+            f"duration such as 5m, got {value!r}; {hint}"
+        )
+    return True, seconds
+
+
+def _resources(pipeline: str, name: str, raw: Any) -> Mapping[str, float]:
+    """`resources: {GPU: 1}`: abstract worker resources (Dask's), positive numbers."""
+    if raw is None:
+        return MappingProxyType({})
+    if not isinstance(raw, Mapping):
+        raise ConfigTypeError(
+            f"{where(pipeline, name, 'resources')} must be a mapping of resource -> amount, "
+            f"e.g. {{GPU: 1}}, got {type(raw).__name__} {raw!r}"
+        )
+    for key, amount in raw.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigTypeError(
+                f"{where(pipeline, name, f'resources.{key}')} must be a positive number, "
+                f"got {amount!r}"
+            )
+    return MappingProxyType({str(k): v for k, v in raw.items()})
 
 
 def interpolated_keys(unresolved: Any) -> frozenset[str]:

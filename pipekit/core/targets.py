@@ -1,18 +1,27 @@
-"""Resolving `_target_` paths to callables and checking stages against their signatures."""
+"""Resolving `_target_` paths to callables and checking stages against their signatures:
+argument names, param values against simple annotations, and input keys against an
+upstream's declared return type (TypedDict, dataclass). Annotations that do not resolve
+or are not simple are skipped, never guessed at."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
-from collections.abc import Callable
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
 from ..errors import (
     MissingArgumentError,
+    ParamTypeError,
     TargetImportError,
     TargetNotCallableError,
     UnknownArgumentError,
+    UnknownOutputKeyError,
     did_you_mean,
     where,
 )
@@ -52,7 +61,13 @@ def resolve(pipeline: str, stage: Stage) -> Callable[..., Any]:
             f"({type(exc).__name__}: {exc}); check the dotted path and that its package is "
             f"installed or on PYTHONPATH"
         ) from exc
-    except Exception as exc:  # the module raised while importing
+    except SystemExit as exc:  # sys.exit() in module code: not the end of *our* process
+        raise TargetImportError(
+            f"{where(pipeline, stage.name, '_target_')} '{stage.target}': importing it called "
+            f"sys.exit({exc.code!r}); guard the module's script code with "
+            f'`if __name__ == "__main__":`'
+        ) from exc
+    except Exception as exc:  # the module raised while importing (KeyboardInterrupt passes)
         raise TargetImportError(
             f"{where(pipeline, stage.name, '_target_')} '{stage.target}': importing it raised "
             f"{type(exc).__name__}: {exc}"
@@ -108,13 +123,184 @@ def check_signature(pipeline: str, stage: Stage, func: Callable[..., Any]) -> No
             f"{where(pipeline, stage.name)}: required argument '{missing[0]}' of "
             f"{stage.target} is not supplied; add it under 'params' or 'inputs'"
         )
+    check_param_types(pipeline, stage, func)
+
+
+# --- params against annotations ------------------------------------------------------------
+
+#: Types a resolved config value can have; other values (Path, Enum) are never judged.
+_PLAIN = (type(None), bool, int, float, str, list, dict)
+#: The plain types each simple annotation accepts: an int is a float, a bool is no number.
+_SIMPLE: dict[Any, tuple[type, ...]] = {
+    bool: (bool,),
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    list: (list,),
+    dict: (dict,),
+}
+
+
+@lru_cache(maxsize=4096)
+def _param_types(func: Callable[..., Any]) -> dict[str, tuple[Any, str, bool]]:
+    """Parameter -> (resolved annotation, its text, default is None) for the annotations
+    that resolve; an annotation naming what cannot be imported here is left out."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    namespace = _namespace(func)
+    found = {}
+    for p in params:
+        resolved = _resolve_annotation(p.annotation, namespace)
+        if resolved is not _UNKNOWN:
+            text = p.annotation if isinstance(p.annotation, str) else _text(p.annotation)
+            found[p.name] = (resolved, text, p.default is None)
+    return found
+
+
+_UNKNOWN = object()
+
+
+def _namespace(func: Callable[..., Any]) -> dict[str, Any] | None:
+    """The globals string annotations of `func` are evaluated in (as typing does)."""
+    unwrapped = inspect.unwrap(func) if callable(func) else func
+    found = getattr(unwrapped, "__globals__", None)
+    if found is None:
+        module = sys.modules.get(getattr(func, "__module__", None) or "")
+        found = vars(module) if module is not None else None
+    return found
+
+
+def _resolve_annotation(annotation: Any, namespace: dict[str, Any] | None) -> Any:
+    if annotation is inspect.Parameter.empty or annotation is inspect.Signature.empty:
+        return _UNKNOWN
+    if isinstance(annotation, str):
+        if namespace is None:
+            return _UNKNOWN
+        try:
+            return eval(annotation, dict(namespace))  # what typing.get_type_hints does
+        except Exception:  # a name imported only under TYPE_CHECKING, a typo: never guess
+            return _UNKNOWN
+    return annotation
+
+
+def _text(annotation: Any) -> str:
+    return inspect.formatannotation(annotation)
+
+
+def fits(annotation: Any, value: Any) -> bool | None:
+    """Whether `value` fits a simple annotation: True, False, or None when it cannot say
+    (a class, a generic, Any). int fits float; bool fits neither int nor float."""
+    if type(value) not in _PLAIN:
+        return None
+    if annotation is None or annotation is type(None):
+        return value is None
+    try:
+        accepted = _SIMPLE.get(annotation)
+    except TypeError:  # an unhashable annotation object, e.g. `x: [int]`
+        return None
+    if accepted is not None:
+        return type(value) in accepted
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return fits(args[0], value)
+    if origin is typing.Literal:
+        if any(type(choice) not in _PLAIN for choice in args):
+            return None  # Literal[Color.RED]: the stage may convert a name; do not judge
+        return any(type(value) is type(choice) and value == choice for choice in args)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [fits(arg, value) for arg in args]
+        if True in verdicts:
+            return True
+        return None if None in verdicts else False
+    if origin in (list, dict):  # list[int], dict[str, float]: the container, not the items
+        return fits(origin, value)
+    return None
+
+
+def check_param_types(pipeline: str, stage: Stage, func: Callable[..., Any]) -> None:
+    """Each param must fit its argument's annotation where that is simple and resolvable."""
+    if not stage.params:
+        return
+    try:
+        declared = _param_types(func)
+    except TypeError:  # unhashable callable object
+        declared = {}
+    for name, value in stage.params.items():
+        if name not in declared:
+            continue
+        annotation, text, none_default = declared[name]
+        if value is None and none_default:
+            continue  # `x: int = None`: null asks for the default
+        if fits(annotation, value) is not False:
+            continue
+        key = f"stages.{stage.name}.params.{name}"
+        hint = ""
+        if typing.get_origin(annotation) is typing.Literal and isinstance(value, str):
+            hint = did_you_mean(value, [str(a) for a in typing.get_args(annotation)])
+        shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+        raise ParamTypeError(
+            f"{where(pipeline, key=key)} must be {text} (the annotation of '{name}' in "
+            f"{stage.target}), got {shown}{hint}; fix the value (`{key}=...`) or the annotation"
+        )
+
+
+# --- input keys against declared return types ----------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _returned_keys(func: Callable[..., Any]) -> tuple[str, tuple[str, ...]] | None:
+    """(type name, keys) when a function's return annotation is a TypedDict or a dataclass."""
+    if not (inspect.isfunction(inspect.unwrap(func)) or inspect.ismethod(func)):
+        return None  # a class returns an instance of itself: not a declared mapping
+    try:
+        annotation = inspect.signature(func).return_annotation
+    except (TypeError, ValueError):
+        return None
+    resolved = _resolve_annotation(annotation, _namespace(func))
+    if not isinstance(resolved, type):
+        return None
+    if typing.is_typeddict(resolved):
+        return resolved.__name__, tuple(getattr(resolved, "__annotations__", {}))
+    if dataclasses.is_dataclass(resolved):
+        return resolved.__name__, tuple(f.name for f in dataclasses.fields(resolved))
+    return None
+
+
+def check_output_keys(
+    spec: PipelineSpec, stage: Stage, funcs: Mapping[str, Callable[..., Any]]
+) -> None:
+    """Each input `upstream.key` must name a key upstream's declared return type has."""
+    for arg, ref in stage.inputs.items():
+        upstream = funcs.get(ref.stage)
+        if ref.key is None or upstream is None:
+            continue
+        try:
+            declared = _returned_keys(upstream)
+        except TypeError:  # unhashable callable object
+            declared = None
+        if declared is None:
+            continue
+        type_name, keys = declared
+        if ref.key not in keys:
+            raise UnknownOutputKeyError(
+                f"{where(spec.name, stage.name, f'input {arg!r}')} wants '{ref}' but "
+                f"{ref.stage} returns {type_name} with keys {', '.join(keys) or '(none)'}"
+                f"{did_you_mean(ref.key, keys)}; use one of its keys or change the "
+                f"return annotation of {spec.stages[ref.stage].target}"
+            )
 
 
 def resolve_all(spec: PipelineSpec) -> dict[str, Callable[..., Any]]:
-    """Resolve and signature-check every stage; the callables by stage name."""
+    """Resolve and signature-check every stage, then the keys inputs take from upstream
+    outputs whose type declares them; the callables by stage name."""
     funcs = {}
     for stage in spec.stages.values():
         func = resolve(spec.name, stage)
         check_signature(spec.name, stage, func)
         funcs[stage.name] = func
+    for stage in spec.stages.values():
+        if stage.inputs:
+            check_output_keys(spec, stage, funcs)
     return funcs

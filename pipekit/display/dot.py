@@ -87,7 +87,12 @@ def static_source(spec: PipelineSpec, legend: bool) -> str:
         '  edge [fontname="Helvetica", fontsize=9, color="#757575", fontcolor="#616161", '
         "arrowsize=0.7];",
     ]
+    node = _matrix_nodes(spec)  # a matrix member -> its matrix's one stacked node
     for name, stage in spec.stages.items():
+        if name in node:
+            if name == _matrices(spec)[node[name]][0]:
+                out.append(_matrix_node(spec, node[name], stage))
+            continue
         label = (
             f"<<b>{html.escape(name)}</b><br/>"
             f'<font point-size="9" color="#757575">{html.escape(short_target(stage.target))}'
@@ -96,14 +101,30 @@ def static_source(spec: PipelineSpec, legend: bool) -> str:
         extra = ", peripheries=2" if stage.model else ""
         attrs = _attrs(tooltip=_tooltip(spec, stage), id=f"stage-{name}", **{"class": "stage"})
         out.append(f"  {quote(name)} [label={label}{extra}, {attrs[1:]};")
+    drawn: set[tuple[str, str, str]] = set()
     for name, stage in spec.stages.items():
+        head = node.get(name, name)
         for arg, ref in stage.inputs.items():
+            tail = node.get(ref.sources[0], ref.sources[0])
             label = arg if not ref.key or ref.key == arg else f"{arg}←{ref.key}"
-            tip = f"{ref} -> {name}({arg})"
-            out.append(f"  {quote(ref.stage)} -> {quote(name)} {_attrs(label=label, tooltip=tip)};")
+            if (tail, head, label) in drawn:  # members of one matrix share their edges
+                continue
+            drawn.add((tail, head, label))
+            if head == name:
+                tip = f"{ref} -> {name}({arg})"
+            else:  # drawn once for every member of the matrix `head`
+                tip = f"{tail} -> {head}({arg}), one edge per member"
+            bold = ", style=bold" if ref.members else ""
+            out.append(
+                f"  {quote(tail)} -> {quote(head)} {_attrs(label=label, tooltip=tip)[:-1]}{bold}];"
+            )
         for dep in stage.after:
-            tip = f"{name} runs after {dep} (order only)"
-            out.append(f"  {quote(dep)} -> {quote(name)} [style=dashed, tooltip={quote(tip)}];")
+            tail = node.get(dep, dep)
+            if (tail, head, "") in drawn:
+                continue
+            drawn.add((tail, head, ""))
+            tip = f"{head} runs after {tail} (order only)"
+            out.append(f"  {quote(tail)} -> {quote(head)} [style=dashed, tooltip={quote(tip)}];")
     if legend:
         cells = "".join(
             f'<td bgcolor="{s["fillcolor"]}" color="{s["color"]}" border="1">'
@@ -119,6 +140,47 @@ def static_source(spec: PipelineSpec, legend: bool) -> str:
     return "\n".join(out) + "\n"
 
 
+def _matrices(spec: PipelineSpec) -> dict[str, tuple[str, ...]]:
+    """Matrix name -> members (a `Pipeline` is drawn too: it has `stages`, maybe no matrices)."""
+    return getattr(spec, "matrices", None) or {}
+
+
+def _matrix_nodes(spec: PipelineSpec) -> dict[str, str]:
+    """Member name -> the name of its matrix (drawn as one node)."""
+    return {member: base for base, members in _matrices(spec).items() for member in members}
+
+
+def _matrix_node(spec: PipelineSpec, base: str, first: Stage) -> str:
+    """A matrix as one stacked node: its name, the member count and the axes."""
+    members = _matrices(spec)[base]
+    axes = " &times; ".join(html.escape(axis) for axis in first.matrix) or "members"
+    label = (
+        f"<<b>{html.escape(base)}</b> &times;{len(members)}<br/>"
+        f'<font point-size="9" color="#757575">{html.escape(short_target(first.target))}'
+        f"<br/>{axes}</font>>"
+    )
+    shown = [*members[:8], f"... {len(members) - 8} more"] if len(members) > 8 else members
+    tip = "\n".join([f"{base}: matrix of {len(members)} members", first.target, *shown])
+    attrs = _attrs(tooltip=tip, id=f"stage-{base}", **{"class": "stage matrix"})
+    extra = ", peripheries=2" if first.model else ""
+    return f'  {quote(base)} [label={label}, shape=box3d, style="filled"{extra}, {attrs[1:]};'
+
+
+def matrix_state(states: list[str]) -> str:
+    """One state for a matrix node from its members' states (worst and busiest first)."""
+    present = set(states)
+    for state in ("failed", "running"):
+        if state in present:
+            return state
+    if present <= {"done", "cached"}:
+        return "done" if "done" in present else "cached"
+    if present == {"skipped"}:
+        return "skipped"
+    if present & {"done", "cached"}:
+        return "running"  # some members finished, others not yet started
+    return "pending"
+
+
 def with_status(
     graph: str,
     spec: PipelineSpec,
@@ -130,17 +192,45 @@ def with_status(
         return graph
     reasons = reasons or {}
     lines = ["  // stage status"]
+    if _matrices(spec):
+        status, reasons = _matrix_status(spec, status, reasons)
     for name, state in status.items():
         stage = spec.stages.get(name)
+        group = _matrices(spec).get(name)
+        if group:  # a matrix node: described by its first member, drawn as a stack
+            stage = spec.stages[group[0]]
         if stage is None or state not in STATE_STYLE:
             continue
         tip = f"{_tooltip(spec, stage)}\nstate: {state}"
+        if group:
+            tip = f"{name}: matrix of {len(group)} members\nstate: {state}"
         if reasons.get(name):
             tip += f" ({reasons[name]})"
-        style = "rounded,filled" + (f",{_STATE_BORDER[state]}" if state in _STATE_BORDER else "")
+        style = "filled" if group else "rounded,filled"
+        style += f",{_STATE_BORDER[state]}" if state in _STATE_BORDER else ""
         attrs = _attrs(
             style=style, tooltip=tip, **STATE_STYLE[state], **{"class": f"stage {state}"}
         )
         lines.append(f"  {quote(name)} {attrs};")
     end = graph.rstrip().rfind("}")
     return graph[:end] + "\n".join(lines) + "\n}\n"
+
+
+def _matrix_status(
+    spec: PipelineSpec, status: Mapping[str, State], reasons: Mapping[str, str]
+) -> tuple[dict[str, State], dict[str, str]]:
+    """Member states folded into one state per matrix node, with counts as its reason."""
+    node = _matrix_nodes(spec)
+    folded: dict[str, State] = {}
+    grouped: dict[str, list[str]] = {}
+    for name, state in status.items():
+        if name in node:
+            grouped.setdefault(node[name], []).append(state)
+        else:
+            folded[name] = state
+    why = {k: v for k, v in reasons.items() if k not in node}
+    for base, states in grouped.items():
+        folded[base] = matrix_state(states)  # type: ignore[assignment]
+        counts = {s: states.count(s) for s in dict.fromkeys(states)}
+        why[base] = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return folded, why

@@ -64,6 +64,8 @@ class LiveRun(Observer):
         self._timer: threading.Timer | None = None
         self._t0 = 0.0
         self._shown = False
+        #: the Dask dashboard of an executor=distributed run (from `running` events' meta)
+        self.dashboard = ""
 
     # --- observer hooks ---------------------------------------------------------------
 
@@ -75,6 +77,7 @@ class LiveRun(Observer):
         self.progress.max = max(len(run.stages), 1)
         self.progress.value = 0
         self.progress.bar_style = "info"
+        self.dashboard = ""
         self.status.value = f"running {len(run.stages)} stages on {html.escape(run.executor)}"
         self._redraw(force=True)
         if self.display and not self._shown:
@@ -82,6 +85,10 @@ class LiveRun(Observer):
 
     def stage_changed(self, event: StageEvent) -> None:
         self.board.stage_changed(event)
+        link = event.meta.get("dashboard") if event.meta else None
+        if link and link != self.dashboard:
+            self.dashboard = str(link)
+            self.status.value += self._link()
         if event.state == "failed" and event.error is not None:
             self.errors[event.stage] = f"{type(event.error).__name__}: {event.error}"
         finished = self.board.finished
@@ -96,7 +103,7 @@ class LiveRun(Observer):
             self.errors.setdefault(stage, str(error.cause or error))
         counts = count_states(self.board.state.values())
         seconds = time.perf_counter() - self._t0
-        self.status.value = html.escape(f"{counts} in {seconds:.2f}s")
+        self.status.value = html.escape(f"{counts} in {seconds:.2f}s") + self._link()
         self.progress.bar_style = "success" if result.ok else "danger"
         self._redraw(force=True)
 
@@ -104,6 +111,12 @@ class LiveRun(Observer):
         self.status.value = html.escape(f"run interrupted ({type(error).__name__})")
         self.progress.bar_style = "warning"
         self._redraw(force=True)
+
+    def _link(self) -> str:
+        if not self.dashboard:
+            return ""
+        href = html.escape(self.dashboard, quote=True)
+        return f' &middot; <a href="{href}" target="_blank">Dask dashboard</a>'
 
     # --- state ------------------------------------------------------------------------
 

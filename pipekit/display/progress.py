@@ -25,9 +25,17 @@ class TextProgress(Observer):
 
     wants_outputs = False
 
-    def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None):
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        live: bool | None = None,
+        report_interrupt: bool = True,
+    ):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
+        #: False when the caller reports interruptions itself (the CLI: one line, once)
+        self.report_interrupt = report_interrupt
         self.board = StatusBoard()
         self._t0 = 0.0
 
@@ -61,7 +69,8 @@ class TextProgress(Observer):
 
     def run_interrupted(self, run: RunInfo, error: BaseException) -> None:
         self._clear()
-        self._write(f"pipekit: run interrupted ({type(error).__name__})\n")
+        if self.report_interrupt:
+            self._write(f"pipekit: run interrupted ({type(error).__name__})\n")
 
     def _bar(self) -> None:
         total = max(len(self.board.state), 1)

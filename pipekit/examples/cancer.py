@@ -106,3 +106,25 @@ def publish(scores: dict[str, float], metric: str = "roc_auc", threshold: float 
     if value < threshold:
         raise PublishRejected(f"{metric}={value:.4f} is below the threshold {threshold}")
     return {"approved": True, "metric": metric, "value": value, "threshold": threshold}
+
+
+# --- serving: the `serve` section's example request and response ---------------------------
+
+
+def request_example(rows: int = 5, source: str = "a") -> pd.DataFrame:
+    """Example request rows (the features, without the target) from the bundled dataset.
+
+    Exported models infer their signature from these rows, so a request with a missing
+    column or a non-numeric value is rejected before the model sees it.
+    """
+    return collect(source).drop(columns=[TARGET]).head(rows)
+
+
+def respond(proba: Any, threshold: float = 0.5) -> pd.DataFrame:
+    """The response: the predicted diagnosis (1 = benign) and its probability."""
+    import numpy as np
+
+    probability = np.asarray(proba)[:, 1]
+    return pd.DataFrame(
+        {TARGET: (probability >= threshold).astype("int64"), "probability": probability}
+    )

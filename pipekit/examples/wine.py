@@ -42,3 +42,10 @@ def score(model: Any, frame: pd.DataFrame) -> dict[str, float]:
         "accuracy": float(accuracy_score(frame["target"], predicted)),
         "f1_macro": float(f1_score(frame["target"], predicted, average="macro")),
     }
+
+
+def request_example(rows: int = 5) -> pd.DataFrame:
+    """Example request rows (the 13 features, without the target): the serving signature."""
+    from sklearn.datasets import load_wine
+
+    return load_wine(as_frame=True).data.head(rows)

@@ -1,18 +1,22 @@
 """Compile a validated pipeline into one low-level Dask task graph.
 
 One task per stage, keyed by the stage name. A stage task never raises: it returns a
-`Failed` marker, and stages downstream of it return `Skipped`, so independent branches
+`Failed` marker (also for `sys.exit` in the stage, or, under `processes`, an output that
+cannot be pickled), and stages downstream of it return `Skipped`, so independent branches
 still finish (like `make -k`) and the driver learns every stage's fate from the outputs.
+Only an interrupt (KeyboardInterrupt: Ctrl-C, SIGTERM) goes through: it stops the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..core.spec import PipelineSpec
-from ..errors import OutputKeyError, where
+from ..errors import OutputKeyError, UnpicklableOutputError, where
+from .fanin import stage_args
 
 #: The key of the task that gathers stage outputs; not an identifier, so no stage clashes.
 GATHER_KEY = "pipekit:outputs"
@@ -83,7 +87,7 @@ class StageTask:
             value = upstream[index]
             if key is not None:
                 try:
-                    value = value[key]
+                    value = output_key(value, key)
                 except Exception as exc:
                     return Failed(self.stage, self._key_error(arg, source, key, value, exc), "", 0)
             kwargs[arg] = value
@@ -92,7 +96,9 @@ class StageTask:
             attempt += 1
             try:
                 return self.func(**kwargs)
-            except Exception as exc:
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run stops, not the stage
+                raise
+            except BaseException as exc:  # SystemExit too: a stage must not end the process
                 if attempt > self.retries:
                     return Failed(self.stage, exc, traceback.format_exc(), attempt)
 
@@ -135,10 +141,14 @@ def build_graph(
         stage = stage_map[name]
         upstream = stage.upstream
         position = {dep: i for i, dep in enumerate(upstream)}
-        args = tuple(
-            (arg, position[ref.stage], ref.key, ref.stage) for arg, ref in stage.inputs.items()
-        )
-        task = StageTask(spec.name, name, funcs[name], stage.params, args, stage.retries)
+        func = funcs[name]
+        if any(ref.members for ref in stage.inputs.values()):  # matrix fan-in (run/fanin.py)
+            func, args = stage_args(stage, func, position)
+        else:
+            args = tuple(
+                (arg, position[ref.stage], ref.key, ref.stage) for arg, ref in stage.inputs.items()
+            )
+        task = StageTask(spec.name, name, func, stage.params, args, stage.retries)
         dsk[name] = (task, *upstream)
     return dsk
 
@@ -157,3 +167,68 @@ class Value:
 
     def __call__(self) -> Any:
         return self.value
+
+
+class Portable:
+    """Wraps a stage task for a worker process: pickles the output there, so an output
+    that cannot travel to the driver fails its own stage instead of the whole run.
+
+    The pickle is made once: `Pickled` hands Dask the bytes and unpickles in the driver.
+    """
+
+    __slots__ = ("pipeline", "stage", "task")
+
+    def __init__(self, pipeline: str, stage: str, task: Callable[..., Any]):
+        self.pipeline, self.stage, self.task = pipeline, stage, task
+
+    def __reduce__(self):
+        return (Portable, (self.pipeline, self.stage, self.task))
+
+    def __call__(self, *upstream: Any) -> Any:
+        output = self.task(*upstream)
+        if isinstance(output, Failed | Skipped):
+            return output
+        import pickle
+
+        import cloudpickle
+
+        try:
+            return Pickled(cloudpickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:
+            kind = type(output)
+            name = kind.__qualname__ if kind.__module__ == "builtins" else _qualified(kind)
+            message = (
+                f"{where(self.pipeline, self.stage)} returned a {name} that cannot be sent "
+                f"between processes ({type(exc).__name__}: {exc}); return picklable data or "
+                f"use executor=threads"
+            )
+            tb = traceback.format_exc()
+            error = UnpicklableOutputError(
+                message, pipeline=self.pipeline, stage=self.stage, cause=exc, traceback=tb
+            )
+            return Failed(self.stage, error, tb, 1)
+
+
+class Pickled:
+    """A value pickled in a worker; unpickling it in the driver gives the value back."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        import pickle
+
+        return (pickle.loads, (self.data,))
+
+
+def _qualified(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def output_key(output: Any, key: str) -> Any:
+    """`output[key]`, or the field `key` of a dataclass output (validation accepts both)."""
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return getattr(output, key)
+    return output[key]

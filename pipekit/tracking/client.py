@@ -9,18 +9,35 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from ..errors import TrackingUnavailableError
 from .flavors import quiet, save_model
+from .settings import sqlite_file
+from .tags import key_text
 
 log = logging.getLogger(__name__)
 
 #: MLflow's limits (params per batch, tag/param value length) with some room.
 BATCH = 100
 MAX_VALUE = 5000
+#: How long a process waits for another one creating or migrating a local store.
+LOCK_WAIT = 120.0
+#: SQLite's wait for a write lock held by another process (ms) on every connection.
+BUSY_TIMEOUT_MS = 30_000
+#: MLflow's HTTP knobs for pipekit's own calls (a user's environment value wins): MLflow's
+#: defaults retry a refused connection 7 times with exponential backoff (minutes).
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 
 
 def text(value: Any, limit: int = MAX_VALUE) -> str:
@@ -30,11 +47,12 @@ def text(value: Any, limit: int = MAX_VALUE) -> str:
 
 
 def key(name: str) -> str:
-    """A param or metric name MLflow accepts (letters, digits, `_ - . /` and spaces)."""
-    return _BAD_KEY.sub("_", name)[:250]
+    """A param or metric name MLflow accepts (letters, digits, `_ - . / :` and spaces);
+    matrix members read `train/region:eu/model:logreg.C`."""
+    return _BAD_KEY.sub("_", key_text(name))[:250]
 
 
-_BAD_KEY = re.compile(r"[^\w\-. /]")
+_BAD_KEY = re.compile(r"[^\w\-. /:]")
 
 
 def now_ms() -> int:
@@ -66,7 +84,7 @@ def log_batch(
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Fail fast when a tracking server does not answer at all.
+    """Fail fast, naming the URI, when a tracking server does not answer at all.
 
     MLflow's HTTP client retries a refused connection for minutes; a pipeline run would
     wait that long at its end. Any HTTP answer (even 404) counts as reachable.
@@ -75,18 +93,110 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         return
     import requests
 
+    from ..core.redact import scrub
+
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except requests.exceptions.SSLError:  # something answers TLS: MLflow's own settings
+        return  # (MLFLOW_TRACKING_SERVER_CERT_PATH, ...) decide whether it is trusted
     except requests.RequestException as exc:
-        reason = type(exc).__name__
-        raise ConnectionError(
-            f"MLflow server {uri} is unreachable ({reason}); this run is not tracked "
-            f"(start the server or use tracking=local)"
+        if isinstance(exc, requests.Timeout):
+            reason = f"no answer in {timeout:g} s"
+        elif "refused" in str(exc).lower():
+            reason = "connection refused"
+        else:
+            reason = type(exc).__name__
+        raise TrackingUnavailableError(
+            f"MLflow server {scrub(uri)} is unreachable ({reason}); start the server, or "
+            f"check the URI (tracking.uri, --uri or MLFLOW_TRACKING_URI)"
         ) from None
 
 
+@contextmanager
+def http_limits() -> Iterator[None]:
+    """MLflow's HTTP timeout and retries bounded (`HTTP_LIMITS`) while pipekit calls it.
+
+    The variables are set only when the user has not set them, and removed again when the
+    last pipekit caller (writer threads, lineage) leaves: a user's own MLflow calls outside
+    a run keep MLflow's defaults.
+    """
+    global _http_users
+    with _http_lock:
+        if _http_users == 0:
+            _http_set.clear()
+            for name, value in HTTP_LIMITS.items():
+                if name not in os.environ:
+                    os.environ[name] = value
+                    _http_set.append(name)
+        _http_users += 1
+    try:
+        yield
+    finally:
+        with _http_lock:
+            _http_users -= 1
+            if _http_users == 0:
+                for name in _http_set:
+                    if os.environ.get(name) == HTTP_LIMITS[name]:
+                        del os.environ[name]
+                _http_set.clear()
+
+
+_http_lock = threading.Lock()
+_http_users = 0
+_http_set: list[str] = []
+
+
+@contextmanager
+def store_lock(db: Path, wait: float | None = None) -> Iterator[None]:
+    """Hold `<db>.lock` (an exclusive `flock` beside the database) for the block.
+
+    MLflow creates a new SQLite store's tables with a migration that is not safe when two
+    processes run it at once (duplicate columns, `_alembic_tmp_*` tables, a store broken
+    for good). Under this lock one process creates and migrates; the others wait, then
+    find the tables at head. The kernel drops the lock when its holder dies, so a crashed
+    run never blocks the next one. Without `fcntl` (Windows) or a writable directory the
+    block runs unlocked, as MLflow alone would.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock = db.with_name(f"{db.name}.lock")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        log.debug("pipekit tracking: no store lock %s (%s); opening unlocked", lock, exc)
+        fd = None
+    if fd is None:
+        yield
+        return
+    wait = LOCK_WAIT if wait is None else wait
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TrackingUnavailableError(
+                        f"MLflow store sqlite:///{db}: another process has held its lock "
+                        f"{lock} for {wait:g} s (creating or migrating the store); find it "
+                        f"with `fuser {lock}`, or stop it and run again"
+                    ) from None
+                time.sleep(0.05)
+            except OSError as exc:  # a file system without flock (some network drives)
+                log.debug("pipekit tracking: cannot lock %s (%s); opening unlocked", lock, exc)
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def tune_sqlite(client: Any) -> None:
-    """WAL journal and `synchronous=NORMAL` on MLflow's SQLite engines.
+    """WAL journal, `synchronous=NORMAL` and a busy timeout on MLflow's SQLite engines.
 
     MLflow commits several times per call; with the default rollback journal each
     commit waits for an fsync (~0.7 ms here), which is a third of a stage's tracking
@@ -94,15 +204,8 @@ def tune_sqlite(client: Any) -> None:
     """
     from sqlalchemy import event
 
-    stores = []
-    for get in (lambda: client._tracking_client.store, lambda: client._get_registry_client().store):
-        try:
-            stores.append(get())
-        except Exception:  # private MLflow internals moved: keep the defaults
-            continue
-    for store in stores:
-        engine = getattr(store, "engine", None)
-        if engine is None or engine.dialect.name != "sqlite" or engine in _TUNED:
+    for engine in _engines(client):
+        if engine in _TUNED:
             continue
         event.listen(engine, "connect", _sqlite_pragmas)
         engine.dispose()  # pooled connections reconnect with the pragmas
@@ -111,12 +214,40 @@ def tune_sqlite(client: Any) -> None:
         _TUNED.add(engine)
 
 
+def _stores(client: Any) -> list[Any]:
+    """The client's tracking and registry stores, created now (MLflow makes them lazily)."""
+    stores = []
+    for get in (lambda: client._tracking_client.store, lambda: client._get_registry_client().store):
+        try:
+            stores.append(get())
+        except AttributeError:  # private MLflow internals moved: MLflow creates them later
+            continue
+    return stores
+
+
+def _engines(client: Any) -> list[Any]:
+    """The SQLite engines behind the client's stores, each once."""
+    found: list[Any] = []
+    for store in _stores(client):
+        engine = getattr(store, "engine", None)
+        if engine is not None and engine.dialect.name == "sqlite" and engine not in found:
+            found.append(engine)
+    return found
+
+
 _TUNED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _sqlite_pragmas(connection: Any, record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def _busy_timeout(connection: Any, record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.close()
 
 
@@ -141,8 +272,11 @@ def experiment_id(client: Any, name: str, artifacts: str | None) -> str:
     return found.experiment_id
 
 
-def log_model(client: Any, run_id: str, artifact_uri: str, output: Any) -> str:
-    """Save `output` as the run's `model` artifact; the flavour used.
+def log_model(
+    client: Any, run_id: str, artifact_uri: str, output: Any, input_example: Any = None
+) -> str:
+    """Save `output` as the run's `model` artifact (with a signature when `input_example`
+    is given, see `flavors.save_model`); the flavour used.
 
     A local artifact store gets the files written in place (atomically renamed into
     `model/`); other stores get them uploaded from a temporary directory.
@@ -150,13 +284,13 @@ def log_model(client: Any, run_id: str, artifact_uri: str, output: Any) -> str:
     local = local_path(artifact_uri)
     if local is None:
         with tempfile.TemporaryDirectory(prefix="pipekit-model-") as tmp:
-            flavor = save_model(output, os.path.join(tmp, "model"))
+            flavor = save_model(output, os.path.join(tmp, "model"), input_example)
             client.log_artifacts(run_id, os.path.join(tmp, "model"), "model")
         return flavor
     os.makedirs(local, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".model-", dir=local)
     try:
-        flavor = save_model(output, os.path.join(tmp, "model"))
+        flavor = save_model(output, os.path.join(tmp, "model"), input_example)
         os.replace(os.path.join(tmp, "model"), os.path.join(local, "model"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -226,34 +360,71 @@ def version_for_cache_key(client: Any, name: str, cache_key: str) -> tuple[str, 
 
 
 def client_for(uri: str, *, sqlite_wal: bool = True) -> Any:
-    """An MlflowClient for tracking and registry at `uri`; a new SQLite store's tables are
-    created now (quietly: MLflow announces the migration at INFO level)."""
+    """An MlflowClient for tracking and registry at `uri`.
+
+    A SQLite store is opened under `store_lock`: a new one gets its tables created (and
+    migrated to MLflow's head) by exactly one process while the others wait, quietly
+    (MLflow announces the migration at INFO level).
+    """
     from mlflow import MlflowClient
 
-    with quiet("mlflow.store.db.utils"), quiet("alembic.runtime.migration"):
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if uri.startswith("sqlite:"):
-            client._tracking_client.store  # noqa: B018  (creates the tables now)
-            if sqlite_wal:
-                tune_sqlite(client)
+    db = sqlite_file(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    _import_stores()  # seconds of imports outside the lock; under it only table work
+    with store_lock(db), quiet("mlflow.store.db.utils"), quiet("alembic.runtime.migration"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates the tables
+        _stores(client)  # both stores now, tables migrated to MLflow's head
+        if sqlite_wal:
+            tune_sqlite(client)
+        else:
+            _wait_when_busy(client)
     return client
+
+
+def _import_stores() -> None:
+    import importlib
+
+    for module in (
+        "mlflow.store.tracking.sqlalchemy_store",
+        "mlflow.store.model_registry.sqlalchemy_store",
+    ):
+        try:
+            importlib.import_module(module)
+        except ImportError:  # moved in another MLflow: it is imported under the lock then
+            log.debug("pipekit tracking: no module %s", module)
+
+
+def _wait_when_busy(client: Any) -> None:
+    """SQLite's busy timeout on the store's engines (without WAL's other pragmas)."""
+    from sqlalchemy import event
+
+    for engine in _engines(client):
+        if engine not in _TUNED:
+            event.listen(engine, "connect", _busy_timeout)
+            engine.dispose()
+            _TUNED.add(engine)
 
 
 def versions_by_cache_key(client: Any, page: int = 1000) -> dict[str, str]:
     """Cache key -> `model/version` of every registered version pipekit tagged with one."""
     from . import tags as tag
 
+    uri = getattr(client, "_registry_uri", "") or ""
+    check_reachable(uri)
     found: dict[str, str] = {}
     token = None
-    while True:
-        batch = client.search_model_versions(max_results=page, page_token=token)
-        for version in batch:
-            key_ = (version.tags or {}).get(tag.CACHE_KEY)
-            if key_:
-                found.setdefault(key_, f"{version.name}/{version.version}")
-        token = getattr(batch, "token", None)
-        if not token:
-            return found
+    with http_limits():
+        for _ in range(100_000):  # bounded: at most 10^8 versions
+            batch = client.search_model_versions(max_results=page, page_token=token)
+            for version in batch:
+                key_ = (version.tags or {}).get(tag.CACHE_KEY)
+                if key_:
+                    found.setdefault(key_, f"{version.name}/{version.version}")
+            token = getattr(batch, "token", None)
+            if not token:
+                break
+    return found
 
 
 def run_for_cache_key(client: Any, experiment: str, cache_key: str) -> str | None:

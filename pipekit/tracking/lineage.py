@@ -7,10 +7,11 @@ through the MLflow registry and returns the chain as data, drawable with graphvi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.redact import scrub
 from ..display.render import graphviz_module, pipe
 from ..errors import GraphvizNotFoundError, TrackingError, did_you_mean
 from . import tags as tag
@@ -152,15 +153,35 @@ def lineage(model: str, version: str | int | None = None, *, uri: str | None = N
 
     `model` is `<pipeline>.<stage>`; `version` a number, an alias (`champion` or
     `@champion`) or None for the latest. `model@alias` and `model/3` work too.
+    A local SQLite store is read directly (no MLflow import); other stores through MLflow.
     """
     uri = uri or default_uri()
     model, version = _split(model, version)
-    client = _client(uri)
-    root = _resolve(client, model, version, uri)
-    result = Lineage(root=f"{model}/{root.version}", uri=uri)
+    fast = _SqliteRegistry.open(uri)
+    if fast is not None:
+        with fast:
+            return _walk(fast, model, version, uri)
+    from .client import http_limits
+
+    with http_limits():  # a server that stops answering fails in seconds, not minutes
+        try:
+            return _walk(_MlflowRegistry(_client(uri)), model, version, uri)
+        except TrackingError:
+            raise
+        except Exception as exc:  # MLflow's own errors (server errors, a broken store)
+            if type(exc).__module__.split(".")[0] not in ("mlflow", "sqlalchemy", "requests"):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrackingError(f"MLflow at {scrub(uri)} failed: {scrub(first)}") from exc
+
+
+def _walk(registry: _Registry, model: str, version: str | None, uri: str) -> Lineage:
+    """The lineage of `model` at `version`, read from `registry`."""
+    root = _resolve(registry, model, version, uri)
+    result = Lineage(root=root.key, uri=uri)
     order: list[VersionNode] = []
-    pending = [(model, str(root.version))]
-    fetched = {f"{model}/{root.version}": root}
+    pending = [(model, root.version)]
+    fetched = {root.key: root}
     seen: set[str] = set()
     while pending:
         name, number = pending.pop()
@@ -168,11 +189,10 @@ def lineage(model: str, version: str | int | None = None, *, uri: str | None = N
         if key in seen:
             continue
         seen.add(key)
-        found = fetched.get(key) or _get_version(client, name, number)
-        if found is None:  # an upstream version deleted since: keep it as a bare node
+        node = fetched.get(key) or registry.version(name, number)
+        if node is None:  # an upstream version deleted since: keep it as a bare node
             order.append(VersionNode(name, number))
             continue
-        node = _node(found)
         order.append(node)
         pending.extend(node.upstream)
     by_key = {node.key: node for node in order}
@@ -195,79 +215,236 @@ def _split(model: str, version: str | int | None) -> tuple[str, str | None]:
 
 
 def _client(uri: str) -> Any:
+    _check_store(uri)
+    from .client import check_reachable, client_for
+
+    check_reachable(uri)  # TrackingUnavailableError naming the URI, in seconds
+    return client_for(uri)
+
+
+def _check_store(uri: str) -> None:
     path = sqlite_file(uri)
     if path is not None and not path.is_file():
         raise TrackingError(
             f"no MLflow store at {uri} ({path.resolve()} does not exist); run a pipeline "
             f"with `tracking=local` first, or pass uri=... / --uri / MLFLOW_TRACKING_URI"
         )
-    from .client import client_for
-
-    return client_for(uri)
 
 
-def _resolve(client: Any, model: str, version: str | None, uri: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        registered = client.get_registered_model(model)
-    except MlflowException:
-        names = [m.name for m in client.search_registered_models(max_results=1000)]
+def _resolve(registry: _Registry, model: str, version: str | None, uri: str) -> VersionNode:
+    if not registry.exists(model):
+        names = registry.models()
         raise TrackingError(
             f"registered model '{model}' not found in {uri}{did_you_mean(model, names)}; "
             f"models are named <pipeline>.<stage>"
             + (f" (have: {', '.join(sorted(names)[:10])})" if names else "")
-        ) from None
-    if version is None:
-        latest = client.search_model_versions(
-            f"name = '{model}'", max_results=1, order_by=["version_number DESC"]
         )
-        if not latest:
+    if version is None:
+        version = registry.latest(model)
+        if version is None:
             raise TrackingError(f"registered model '{model}' has no versions in {uri}")
-        version = str(latest[0].version)  # fetched again below: search omits aliases
     if version.startswith("@"):
-        try:
-            return client.get_model_version_by_alias(model, version[1:])
-        except MlflowException:
-            aliases = sorted(getattr(registered, "aliases", {}) or {})
-            have = ", ".join(f"@{a}" for a in aliases) or "none"
+        aliases = registry.aliases(model)
+        number = aliases.get(version[1:])
+        found = registry.version(model, number) if number is not None else None
+        if found is None:
+            have = ", ".join(f"@{a}" for a in sorted(aliases)) or "none"
             raise TrackingError(
                 f"registered model '{model}' has no alias '{version}'"
                 f"{did_you_mean(version[1:], aliases)} (aliases: {have})"
-            ) from None
-    found = _get_version(client, model, version)
+            )
+        return found
+    found = registry.version(model, version)
     if found is None:
-        latest = client.search_model_versions(
-            f"name = '{model}'", max_results=1, order_by=["version_number DESC"]
-        )
-        newest = f"latest is {latest[0].version}" if latest else "it has no versions"
+        latest = registry.latest(model)
+        newest = f"latest is {latest}" if latest else "it has no versions"
         raise TrackingError(f"registered model '{model}' has no version {version} ({newest})")
     return found
 
 
-def _get_version(client: Any, model: str, version: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(model, version)
-    except MlflowException:
-        return None
-
-
-def _node(found: Any) -> VersionNode:
-    tags = dict(found.tags or {})
-    upstream = tag.upstream_versions(tags)
+def _node(
+    model: str,
+    version: str,
+    run_id: str | None,
+    tags: dict[str, str],
+    aliases: Iterable[str],
+    created: int | None,
+) -> VersionNode:
     return VersionNode(
-        model=found.name,
-        version=str(found.version),
-        run_id=found.run_id or None,
+        model=model,
+        version=version,
+        run_id=run_id or None,
         parent_run_id=tags.get(tag.PARENT_RUN_ID) or None,
         stage=tags.get(tag.STAGE),
         config_hash=tags.get(tag.CONFIG_HASH),
-        aliases=tuple(sorted(getattr(found, "aliases", ()) or ())),
-        created=getattr(found, "creation_timestamp", None),
-        upstream=tuple(upstream),
+        aliases=tuple(sorted(aliases)),
+        created=created,
+        upstream=tuple(tag.upstream_versions(tags)),
     )
+
+
+# --- where versions are read from ------------------------------------------------------
+
+
+class _Registry:
+    """The few registry reads lineage needs."""
+
+    def exists(self, model: str) -> bool:
+        raise NotImplementedError
+
+    def models(self) -> list[str]:
+        raise NotImplementedError
+
+    def latest(self, model: str) -> str | None:
+        raise NotImplementedError
+
+    def aliases(self, model: str) -> dict[str, str]:
+        """alias -> version number"""
+        raise NotImplementedError
+
+    def version(self, model: str, number: str) -> VersionNode | None:
+        raise NotImplementedError
+
+
+class _MlflowRegistry(_Registry):
+    """Any MLflow store, through `MlflowClient` (servers, Databricks, other databases)."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def exists(self, model: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(model)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                raise  # a server error, not a missing model
+            return False
+        return True
+
+    def models(self) -> list[str]:
+        return [m.name for m in self.client.search_registered_models(max_results=1000)]
+
+    def latest(self, model: str) -> str | None:
+        found = self.client.search_model_versions(
+            f"name = '{model}'", max_results=1, order_by=["version_number DESC"]
+        )
+        return str(found[0].version) if found else None
+
+    def aliases(self, model: str) -> dict[str, str]:
+        registered = self.client.get_registered_model(model)
+        return {a: str(v) for a, v in (getattr(registered, "aliases", {}) or {}).items()}
+
+    def version(self, model: str, number: str) -> VersionNode | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version(model, number)
+        except MlflowException:
+            return None
+        return _node(
+            found.name,
+            str(found.version),
+            found.run_id,
+            dict(found.tags or {}),
+            getattr(found, "aliases", ()) or (),
+            getattr(found, "creation_timestamp", None),
+        )
+
+
+class _SqliteRegistry(_Registry):
+    """A local MLflow SQLite store read with the standard library, read-only.
+
+    `pipekit lineage` reads a handful of rows; importing MLflow to do so costs seconds.
+    The tables read (`registered_models`, `model_versions`, `model_version_tags`,
+    `registered_model_aliases`) are MLflow's; versions MLflow soft-deleted are skipped as
+    MLflow skips them. `open()` returns None (MLflow is used) when the store is not such a
+    file, lacks these tables or columns, or MLflow workspaces are on.
+    """
+
+    DELETED = "Deleted_Internal"  # MLflow's stage of a soft-deleted version
+    WORKSPACE = "default"
+
+    def __init__(self, connection: Any):
+        self.db = connection
+
+    @classmethod
+    def open(cls, uri: str) -> _SqliteRegistry | None:
+        import os
+        import sqlite3
+        from urllib.parse import quote
+
+        path = sqlite_file(uri)
+        if path is None:
+            return None
+        _check_store(uri)
+        if os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true", "yes"):
+            return None
+        try:
+            connection = sqlite3.connect(
+                f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=30
+            )
+            connection.execute(
+                "SELECT m.name, v.version, v.run_id, v.creation_time, v.current_stage, "
+                "t.key, t.value, a.alias FROM registered_models m, model_versions v, "
+                "model_version_tags t, registered_model_aliases a "
+                "WHERE m.workspace = v.workspace AND t.workspace = a.workspace LIMIT 0"
+            )
+        except sqlite3.Error:  # not MLflow's schema (or unreadable): let MLflow say why
+            return None
+        return cls(connection)
+
+    def __enter__(self) -> _SqliteRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+
+    def _rows(self, sql: str, *args: Any) -> list[tuple]:
+        return self.db.execute(sql, (self.WORKSPACE, *args)).fetchall()
+
+    def exists(self, model: str) -> bool:
+        sql = "SELECT 1 FROM registered_models WHERE workspace = ? AND name = ?"
+        return bool(self._rows(sql, model))
+
+    def models(self) -> list[str]:
+        rows = self._rows("SELECT name FROM registered_models WHERE workspace = ? LIMIT 1000")
+        return [name for (name,) in rows]
+
+    def latest(self, model: str) -> str | None:
+        sql = (
+            "SELECT max(version) FROM model_versions "
+            "WHERE workspace = ? AND name = ? AND current_stage IS NOT ?"
+        )
+        (found,) = self._rows(sql, model, self.DELETED)[0]
+        return str(found) if found is not None else None
+
+    def aliases(self, model: str) -> dict[str, str]:
+        sql = "SELECT alias, version FROM registered_model_aliases WHERE workspace = ? AND name = ?"
+        return {alias: str(number) for alias, number in self._rows(sql, model)}
+
+    def version(self, model: str, number: str) -> VersionNode | None:
+        if not str(number).isdigit():
+            return None
+        sql = (
+            "SELECT run_id, creation_time FROM model_versions "
+            "WHERE workspace = ? AND name = ? AND version = ? AND current_stage IS NOT ?"
+        )
+        found = self._rows(sql, model, int(number), self.DELETED)
+        if not found:
+            return None
+        run_id, created = found[0]
+        tags = dict(
+            self._rows(
+                "SELECT key, value FROM model_version_tags "
+                "WHERE workspace = ? AND name = ? AND version = ?",
+                model,
+                int(number),
+            )
+        )
+        aliases = [a for a, v in self.aliases(model).items() if v == str(int(number))]
+        return _node(model, str(int(number)), run_id, tags, aliases, created)
 
 
 def _upstream_first(nodes: dict[str, VersionNode]) -> list[str]:

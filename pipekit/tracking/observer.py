@@ -36,14 +36,18 @@ from typing import Any
 from ..cache.fingerprint import digest
 from ..core.events import Observer, RunInfo, StageEvent
 from ..core.metrics import numeric_items
+from ..core.redact import redact, redact_overrides, scrub, secret_values
 from ..core.result import RunResult
+from ..core.serving import StageExamples
 from ..core.spec import PipelineSpec, flat_params
 from ..core.states import count_states
+from ..errors import PipekitError, TrackingUnavailableError
 from . import tags as tag
 from .client import (
     check_reachable,
     client_for,
     experiment_id,
+    http_limits,
     log_batch,
     log_model,
     log_text,
@@ -68,12 +72,19 @@ def observer_from_config(pipeline: str, section: Mapping[str, Any]) -> MlflowObs
         experiment=settings.experiment,
         artifacts=settings.artifacts,
         sqlite_wal=settings.wal,
+        on_error=settings.on_error,
     )
 
 
-def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings as dotted keys (`train.C`), values as strings MLflow accepts."""
-    return {name: text(value) for name, value in flat_params(values, prefix).items()}
+def flatten_params(
+    values: Mapping[str, Any], prefix: str = "", secrets: set[str] | None = None
+) -> dict[str, str]:
+    """Nested mappings as dotted keys (`train.C`), values as strings MLflow accepts;
+    secret-looking keys (and `secrets` found elsewhere in the config) as `***`."""
+    return {
+        name: text(value)
+        for name, value in flat_params(redact(dict(values), secrets), prefix).items()
+    }
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -138,11 +149,14 @@ def _git_rev_parse(folder: Path) -> str | None:
 class _Writer:
     """One thread that performs MLflow calls in submission order; errors are logged, once."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, uri: str = ""):
         self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.failures: list[str] = []
+        self.uri = uri
+        #: the server stopped answering: the rest of the work is dropped, not retried
+        self.gone: str | None = None
         self._thread.start()
 
     def submit(self, func: Callable[..., Any], *args: Any) -> None:
@@ -151,8 +165,8 @@ class _Writer:
     def close(self, grace: float = 30.0) -> None:
         """Run everything submitted, then stop the thread (waits for it).
 
-        For `grace` seconds a second Ctrl-C waits too (then re-raises): it must not
-        leave runs RUNNING. After that the wait can be interrupted as usual.
+        For `grace` seconds a second Ctrl-C or a SIGTERM waits too (then takes effect): it
+        must not leave runs RUNNING. After that the wait can be interrupted as usual.
         """
         self._queue.put(None)
         with _sigint_deferred():
@@ -160,38 +174,71 @@ class _Writer:
         self._thread.join()
 
     def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            func, args = item
-            try:
-                func(*args)
-            except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}"
-                self.failures.append(message)
-                debug = log.isEnabledFor(logging.DEBUG)
-                log.warning("pipekit tracking: %s", message, exc_info=debug)
+        with http_limits():
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if self.gone is None:
+                    self._call(*item)
+
+    def _call(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            func(*args)
+        except Exception as exc:
+            message = failure_text(exc)
+            self.failures.append(message)
+            debug = log.isEnabledFor(logging.DEBUG)
+            log.warning("pipekit tracking: %s", message, exc_info=debug)
+            if isinstance(exc, TrackingUnavailableError):
+                self.gone = message
+            elif self.uri.startswith(("http://", "https://")):
+                try:  # one quick look instead of MLflow's retries on every later call
+                    check_reachable(self.uri)
+                except TrackingUnavailableError as down:
+                    self.gone = str(down)
+                    log.warning(
+                        "pipekit tracking: %s; the run's remaining MLflow calls are dropped", down
+                    )
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line for a tracking failure: pipekit's own errors say it all, others get their type."""
+    if isinstance(exc, PipekitError):
+        return str(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C for the block (main thread only), then raise it."""
+    """Hold back Ctrl-C and SIGTERM for the block (main thread only), then hand each one
+    caught to the handler it would have reached (Ctrl-C: KeyboardInterrupt; SIGTERM's
+    default: the process ends), so ending the MLflow runs is never cut short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
     except ValueError:  # not allowed here (embedded interpreter)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(caught):  # each signal once, in the order they came
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
 
 
 # --- the observer -----------------------------------------------------------------------
@@ -215,9 +262,12 @@ class MlflowObserver(Observer):
         artifacts: str | None = None,
         log_models: bool = True,
         sqlite_wal: bool = True,
+        on_error: str = "warn",
     ):
         self.uri = uri
         self.sqlite_wal = sqlite_wal
+        #: `warn` or `fail`: whether a run whose tracking failed fails (`tracking.on_error`)
+        self.on_error = on_error
         self.experiment = experiment
         self.artifacts = artifacts
         self.log_models = log_models
@@ -239,6 +289,7 @@ class MlflowObserver(Observer):
         self._ancestors: dict[str, list[str]] = {}
         self._order: list[str] = []
         self._hash = ""
+        self._secrets: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<MlflowObserver {self.uri!r} experiment={self.experiment!r}>"
@@ -256,7 +307,9 @@ class MlflowObserver(Observer):
         self._ancestors = {}
         self._order = list(run.stages)
         self._hash = config_hash(run.spec.config)
-        self._writer = _Writer(f"pipekit-mlflow-{run.run_id[:8]}")
+        self._examples = StageExamples(run.spec)  # input examples from the serve section
+        self._secrets = set()  # found by the writer thread: the driver does not wait
+        self._writer = _Writer(f"pipekit-mlflow-{run.run_id[:8]}", self.uri)
         self._writer.submit(self._start_parent, run, int(run.started * 1000))
 
     def stage_changed(self, event: StageEvent) -> None:
@@ -301,6 +354,24 @@ class MlflowObserver(Observer):
             "mlflow_run_id": self.parent_run_id,
         }
 
+    def failure(self) -> dict[str, str]:
+        """When the last run's tracking failed: `tracking_error` (the first failure) and
+        `on_error` (`warn` or `fail`), for `RunResult.tracking`; else {}."""
+        if not self.failures:
+            return {}
+        return {"tracking_error": self.failures[0], "on_error": self.on_error}
+
+    def check(self, result: RunResult) -> None:
+        """Raise TrackingFailedError for a run whose tracking failed when `on_error=fail`."""
+        if self.failures and self.on_error == "fail":
+            from ..errors import TrackingFailedError
+
+            raise TrackingFailedError(
+                f"tracking failed: {self.failures[0]}; the run's results are not (all) in "
+                f"MLflow (tracking.on_error=fail)",
+                result=result,
+            )
+
     def run_interrupted(self, run: RunInfo, error: BaseException) -> None:
         if self._writer is None:
             return
@@ -325,6 +396,7 @@ class MlflowObserver(Observer):
 
     def _start_parent(self, run: RunInfo, started_ms: int) -> None:
         pipeline = run.spec
+        self._secrets = secret_values(pipeline.config)  # masked wherever they reappear
         check_reachable(self.uri)
         client = self.client
         self.experiment_id = experiment_id(client, self.experiment or pipeline.name, self.artifacts)
@@ -337,11 +409,11 @@ class MlflowObserver(Observer):
             tag.CONFIG_HASH: self._hash,
             tag.EXECUTOR: run.executor,
             tag.STAGES: text(",".join(run.stages)),
-            tag.OVERRIDES: text(" ".join(run.overrides)),
+            tag.OVERRIDES: text(" ".join(redact_overrides(run.overrides, pipeline.config))),
         }
         description = pipeline.config.get("description")
         if isinstance(description, str) and description:
-            tags["mlflow.note.content"] = description
+            tags["mlflow.note.content"] = scrub(description, self._secrets)
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -353,11 +425,12 @@ class MlflowObserver(Observer):
         self.parent_run_id = parent.info.run_id
         params: dict[str, str] = {}
         for name in run.stages:
-            params.update(flatten_params(pipeline.stages[name].params, f"{name}."))
+            params.update(flatten_params(pipeline.stages[name].params, f"{name}.", self._secrets))
         log_batch(client, self.parent_run_id, params=params)
         where_to = parent.info.artifact_uri
-        log_text(client, self.parent_run_id, where_to, _config_yaml(pipeline.config), "config.yaml")
-        svg = _dag_svg(pipeline)
+        config = redact(pipeline.config, self._secrets)
+        log_text(client, self.parent_run_id, where_to, _config_yaml(config), "config.yaml")
+        svg = _dag_svg(pipeline, self._secrets)
         if svg:
             log_text(client, self.parent_run_id, where_to, svg, "dag.svg")
 
@@ -379,7 +452,10 @@ class MlflowObserver(Observer):
             **(extra or {}),
         }
         if spec.description:
-            tags["mlflow.note.content"] = spec.description
+            tags["mlflow.note.content"] = scrub(spec.description, self._secrets)
+        if spec.matrix:  # a matrix member: searchable by its matrix and its values
+            tags[tag.MATRIX] = stage.partition("[")[0]
+            tags[tag.MEMBER] = text(dict(spec.matrix))
         for upstream, (model, version) in self._upstream_versions(stage).items():
             tags[tag.upstream(upstream)] = f"{model}/{version}"
         child = self.client.create_run(self.experiment_id, start_time=started_ms, tags=tags)
@@ -422,9 +498,11 @@ class MlflowObserver(Observer):
         else:
             error = event.error
             reason = f"{type(error).__name__}: {error}" if error is not None else "failed"
+            reason = scrub(reason, self._secrets)
             tags[tag.ERROR] = text(reason)
             where_to = self._artifact_uris[stage]
-            log_text(client, run_id, where_to, event.traceback or reason, "traceback.txt")
+            trace = scrub(event.traceback, self._secrets) if event.traceback else reason
+            log_text(client, run_id, where_to, trace, "traceback.txt")
         source_run = None
         if passed and spec.model and self.log_models:
             try:
@@ -446,7 +524,7 @@ class MlflowObserver(Observer):
             source_run = source_run or run_for_cache_key(client, self.experiment_id, cache_key)
             if source_run and source_run != run_id:
                 tags[tag.CACHE_SOURCE_RUN] = source_run
-        params = flatten_params(spec.params, f"{stage}.")
+        params = flatten_params(spec.params, f"{stage}.", self._secrets)
         try:
             log_batch(client, run_id, params=params, metrics=metrics, tags=tags)
         finally:  # a rejected value must not leave the run RUNNING
@@ -488,6 +566,7 @@ class MlflowObserver(Observer):
             found = version_for_cache_key(client, name, str(cache_key))
             if found is not None:
                 self.versions[stage] = (name, found[0])
+                self._examples.add(stage, load=event.meta.get("load"))
                 return name, found[0], found[1]
         output = event.output
         if event.state == "cached":  # no version yet (e.g. tracked for the first time)
@@ -495,7 +574,8 @@ class MlflowObserver(Observer):
             if load is None:
                 raise ValueError("the cached output is not available to log")
             output = load()
-        flavor = log_model(client, run_id, self._artifact_uris[stage], output)
+        example = self._examples.input_for(stage, output)  # None: logged without signature
+        flavor = log_model(client, run_id, self._artifact_uris[stage], output, example)
         tags = {
             tag.PIPELINE: run.name,
             tag.STAGE: stage,
@@ -537,7 +617,7 @@ class MlflowObserver(Observer):
         if result.failed:
             tags[tag.FAILED_STAGES] = ",".join(result.failed)
             first = result.errors[result.failed[0]]
-            tags[tag.ERROR] = text(str(first))
+            tags[tag.ERROR] = text(scrub(str(first), self._secrets))
         status = "FAILED" if result.failed else "FINISHED"
         try:
             log_batch(self.client, self.parent_run_id, metrics=self._parent_metrics, tags=tags)
@@ -547,8 +627,9 @@ class MlflowObserver(Observer):
     def _kill(self, error: BaseException) -> None:
         if self.parent_run_id is None:
             return
-        interrupted = isinstance(error, KeyboardInterrupt)
-        reason = "interrupted (Ctrl-C)" if interrupted else f"{type(error).__name__}: {error}"
+        interrupted = isinstance(error, KeyboardInterrupt)  # Ctrl-C, or SIGTERM in the CLI
+        how = getattr(error, "signame", None) or "Ctrl-C"
+        reason = f"interrupted ({how})" if interrupted else f"{type(error).__name__}: {error}"
         status = "KILLED" if interrupted else "FAILED"
         try:
             self._end_open_stages(status, reason)
@@ -574,12 +655,28 @@ def _config_yaml(config: Mapping[str, Any]) -> str:
         return json.dumps(config, indent=2, default=str)
 
 
-def _dag_svg(spec: PipelineSpec) -> str | None:
-    """The drawn DAG (drawings are kept, so re-runs skip `dot`), or None without Graphviz."""
+def _dag_svg(spec: PipelineSpec, secrets: set[str] | None = None) -> str | None:
+    """The drawn DAG (drawings are kept, so re-runs skip `dot`), or None without Graphviz.
+
+    Its tooltips show params: secret ones are drawn as `***` (see `core.redact`).
+    """
     try:
         from ..display.render import render
 
-        return str(render(spec, format="svg"))
+        return str(render(_redacted_spec(spec, secrets), format="svg"))
     except Exception as exc:  # optional: tracking works without a drawing
         log.debug("pipekit tracking: no DAG drawing: %s", exc)
         return None
+
+
+def _redacted_spec(spec: PipelineSpec, secrets: set[str] | None) -> PipelineSpec:
+    """`spec` with its stages' secret params masked (the same object when there are none)."""
+    from dataclasses import replace
+
+    stages = {}
+    for name, stage in spec.stages.items():
+        params = redact(dict(stage.params), secrets)
+        stages[name] = stage if params == stage.params else replace(stage, params=params)
+    if all(stages[name] is stage for name, stage in spec.stages.items()):
+        return spec
+    return replace(spec, stages=stages, config=redact(spec.config, secrets))

@@ -3,6 +3,7 @@ back (lineage, cache hits, `pipekit cache ls`), named once."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 PREFIX = "pipekit."
@@ -32,12 +33,28 @@ PROMOTE_ERROR = "pipekit.promote_error"
 # model versions
 PARENT_RUN_ID = "pipekit.parent_run_id"
 FLAVOR = "pipekit.flavor"
+MATRIX = "pipekit.matrix"  # a matrix member's stage run: the matrix's name
+MEMBER = "pipekit.member"  # ... and its values, as JSON ({"region": "eu"})
+SWEEP_ID = "pipekit.sweep_id"  # every parent run of one `pipekit run -m` / `pk.sweep`
+SWEEP_JOB = "pipekit.sweep_job"  # the job's number and overrides in that sweep
+SHARED = "pipekit.shared."  # + stage: the stage run (of an earlier job) this job reused
 UPSTREAM = "pipekit.upstream."  # + stage name: "<model>/<version>" it consumed
 
 
 def upstream(stage: str) -> str:
     """The tag naming the version of upstream model stage `stage` a version consumed."""
-    return f"{UPSTREAM}{stage}"
+    return f"{UPSTREAM}{key_text(stage)}"
+
+
+_MEMBER = re.compile(r"\[([^\]]*)\]")
+
+
+def key_text(name: str) -> str:
+    """A stage name as MLflow keys allow it (letters, digits, `_ - . / :`): matrix members
+    `train[region=eu,model=logreg]` become `train/region:eu/model:logreg`."""
+    if "[" not in name:
+        return name
+    return _MEMBER.sub(lambda m: "/" + m.group(1).replace("=", ":").replace(",", "/"), name)
 
 
 def upstream_versions(tags: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -1,0 +1,177 @@
+"""The worker pools a run owns, so that an interrupt leaves nothing running.
+
+Dask's own pools cannot be stopped from outside: its thread pool joins every thread at
+interpreter exit (a hung stage then hangs the process), and its process pool's workers
+outlive the driver. Here, per run:
+
+- threads: daemon threads. After an interrupt a stage that does not return is abandoned:
+  the driver stops waiting and the process can exit.
+- processes: a `ProcessPoolExecutor` whose workers ignore Ctrl-C (the driver stops them),
+  are terminated (SIGTERM, then SIGKILL) when the run is interrupted, and exit by
+  themselves when the driver dies, even by `kill -9` (a watchdog thread, and on Linux
+  the kernel's parent-death signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+#: how often a worker process checks that its driver is still there (seconds)
+WATCH_INTERVAL = 0.5
+#: how long terminated worker processes get to exit before SIGKILL (seconds)
+TERMINATE_GRACE = 2.0
+
+
+class DaemonThreadPool(Executor):
+    """A minimal thread pool of daemon threads, started on demand up to `max_workers`.
+
+    Like Dask's pool, each task runs in a copy of the submitter's context (contextvars).
+    """
+
+    def __init__(self, max_workers: int, name: str = "pipekit-stage"):
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self._max_workers = max_workers  # read by dask.local.get_async
+        self._name = name
+        self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit to a pool that was shut down")
+            future: Future = Future()
+            self._work.put((future, contextvars.copy_context(), fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
+                thread = threading.Thread(
+                    target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, context, fn, args, kwargs = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = context.run(fn, *args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, context, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the threads once their current task ends; `wait=False` abandons them."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
+def process_pool(max_workers: int) -> Any:
+    """A process pool like Dask's (the same start method) whose workers watch the driver."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dask.multiprocessing import get_context
+
+    if os.environ.get("PYTHONHASHSEED") in (None, "0"):  # as dask does: one hash seed for all
+        os.environ["PYTHONHASHSEED"] = "6640"
+    return ProcessPoolExecutor(
+        max_workers, mp_context=get_context(), initializer=worker_started, initargs=(os.getpid(),)
+    )
+
+
+def worker_started(driver: int) -> None:
+    """Initializer of every worker process.
+
+    Ctrl-C reaches the whole process group; the driver decides and terminates us, so a
+    worker only notes it (no traceback from idle workers). The worker ends itself when
+    its driver is gone.
+    """
+    signal.signal(signal.SIGINT, _ignore)
+    _die_with_parent()
+    if os.getppid() != driver:  # the driver died before we got here
+        os._exit(1)
+    watchdog = threading.Thread(
+        target=_watch_driver, args=(driver,), name="pipekit-watchdog", daemon=True
+    )
+    watchdog.start()
+    numpy = sys.modules.get("numpy")  # as dask's initializer: no random state shared
+    if numpy is not None:
+        numpy.random.seed()
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A no-op handler (not SIG_IGN, which processes the stage starts would inherit)."""
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL when the driver dies, even if a stage holds the GIL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the watchdog thread still covers it
+
+
+def _watch_driver(driver: int) -> None:
+    while os.getppid() == driver:
+        time.sleep(WATCH_INTERVAL)
+    os._exit(1)
+
+
+def terminate(pool: Any, grace: float = TERMINATE_GRACE) -> None:
+    """Stop a process pool's workers now: SIGTERM, `grace` seconds, then SIGKILL."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    _signal_all(processes, "terminate")
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    left = [p for p in processes if p.is_alive()]
+    _signal_all(left, "kill")
+    for process in left:
+        process.join(1.0)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _signal_all(processes: Iterable[Any], how: str) -> None:
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):  # already gone, or closed
+            getattr(process, how)()
