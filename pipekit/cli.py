@@ -846,18 +846,18 @@ _INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "search
 
 
 def _merged_sweep(args: argparse.Namespace, flags: list[str], overrides: list[str]) -> bool:
-    """`run -m` with Hydra's basic launcher and sweeper and no other Hydra flag: pipekit
-    runs the jobs as one merged graph. Another launcher keeps Hydra's own multirun."""
+    """`run -m` with Hydra's basic launcher and sweeper, no other Hydra flag and no other
+    `hydra.*` setting (such as `hydra.sweep.dir`): pipekit runs the jobs as one merged
+    graph. Another launcher, or Hydra's own outputs asked for, keep Hydra's multirun."""
     from .config import override_key
 
     if not set(flags) & {"-m", "--multirun"} or set(flags) - {"-m", "--multirun"}:
         return False
     if getattr(args, "explain", False):
         return False
-    chosen = {override_key(o): o.split("=", 1)[-1] for o in overrides}
-    if "hydra.sweep.dir" in chosen:  # Hydra's output directory asked for: Hydra writes it
-        return False
-    return all(chosen.get(g, "basic") == "basic" for g in ("hydra/launcher", "hydra/sweeper"))
+    basic = {"hydra/launcher=basic", "hydra/sweeper=basic"}
+    hydra = [o for o in overrides if override_key(o).startswith("hydra") and o not in basic]
+    return not hydra  # e.g. hydra.sweep.dir: Hydra writes its output directory
 
 
 def _hydra_split(tokens: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -155,6 +155,15 @@ class ConcurrencyConfigError(ConfigError):
     """`concurrency` is not `wait` or `skip`."""
 
 
+class RetryOnError(ConfigError):
+    """A `retry_on` entry (stage or `stage_defaults`) is not an importable exception class."""
+
+
+class PromotionConfigError(ConfigError):
+    """A stage's `promote` can never act: no model stage at or upstream of it, a `metric`
+    naming no stage upstream of it (or no metric that stage logs), a bad `mode`."""
+
+
 class ExportError(ConfigError):
     """A pipeline cannot be exported as asked (`pipekit export airflow`): no cache to hand
     outputs from task to task, a pipeline not composed from config files, a bad `-o`."""
@@ -194,6 +203,12 @@ class UnpicklableOutputError(StageError):
     cannot travel from its worker process to the driver."""
 
 
+class StageTimeoutError(StageError, TimeoutError):
+    """A stage attempt ran longer than its `timeout`: abandoned (threads, sync) or its
+    worker process retired (processes). A TimeoutError, so `retry_on: [TimeoutError]`
+    retries it."""
+
+
 class WorkerDiedError(StageError):
     """A worker process died while running a stage (`os._exit`, a crash, the OOM killer)."""
 
@@ -212,6 +227,11 @@ class TrackingError(PipekitError):
     """An MLflow lookup failed: unknown registered model, version or alias (exit code 1)."""
 
     exit_code = 1
+
+
+class PromotionError(TrackingError):
+    """A metric-based promotion cannot decide: the run logged no value for its `metric`;
+    the alias stays where it was (tag `pipekit.promote_error` on the promoting stage)."""
 
 
 class TrackingUnavailableError(TrackingError):

@@ -110,6 +110,7 @@ class Pipeline:
         """Check the sections (executor, cache, tracking), edges, cycles, targets and
         signatures; raise a ConfigError naming the fault."""
         if self._graph is None:
+            from .core.promotion import check_promotion
             from .core.serving import check_serve
             from .core.targets import resolve_all
             from .export.schedule import check_schedule
@@ -122,6 +123,7 @@ class Pipeline:
                 graph.order()
                 self._funcs = resolve_all(self.spec)
             check_serve(self.spec)  # the `serve` section's inference DAG (core.serving)
+            check_promotion(self.spec, graph)  # a `promote` that can never act (core.promotion)
             self._graph = graph
         return self
 
@@ -334,13 +336,20 @@ class Pipeline:
         serve = self.spec.config.get("serve")
         if not isinstance(serve, Mapping) or serve.get("export_on_promote") is not True:
             return {}
-        fired = [s for s, st in result.status.items() if st in ("done", "cached")]
-        if result.errors or not any(self.stages[s].promote for s in fired):
+        passed = [s for s, st in result.status.items() if st in ("done", "cached")]
+        aliases = [self.stages[s].promote for s in passed if self.stages[s].promote]
+        if result.errors or not aliases:
             return {}
         from .core.serving import check_serve
         from .serve.export import export
 
-        done = export(self.spec, check_serve(self.spec), self.graph.order(), skip_unchanged=True)
+        done = export(
+            self.spec,
+            check_serve(self.spec),
+            self.graph.order(),
+            skip_unchanged=True,  # the promotion kept the holder: nothing new to serve
+            prefer=aliases[0],  # the stage versions the promotion chose
+        )
         return {"serving_version": f"{done.name}/{done.version}"}
 
     def __repr__(self) -> str:

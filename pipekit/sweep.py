@@ -670,6 +670,8 @@ class _JobTracking(Observer):
 def _link_shared(jobs: list[_Job], done: list[SweepJob], merged: _Merged, sweep_id: str) -> None:
     """After the run: tag every parent with the sweep, link later jobs to the stage runs
     of shared stages, and complete the upstream-version tags of their model versions."""
+    if not any(job.tracker is not None for job in jobs):
+        return
     from .tracking import tags as tag
     from .tracking.client import client_for, log_batch, text
     from .tracking.observer import flatten_params

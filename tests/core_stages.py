@@ -186,3 +186,25 @@ def split_data(n: int = 4) -> Split:
 
 def undeclared(n: int = 3) -> dict:
     return {"X": list(range(n))}
+
+
+# --- promotion (tests/test_promotion.py): small scikit-learn models -----------------------
+
+
+def fit_logreg(C: float = 1.0):
+    """A fitted LogisticRegression on a fixed tiny data set (registers in a blink)."""
+    from sklearn.linear_model import LogisticRegression
+
+    X = [[0.0, 1.0], [1.0, 0.0], [0.2, 0.9], [0.9, 0.1], [0.1, 0.8], [0.8, 0.3]]
+    y = [0, 1, 0, 1, 0, 1]
+    return LogisticRegression(C=C, max_iter=200).fit(X, y)
+
+
+def rate_model(model, key: str = "score") -> dict:
+    """A metric that follows the model's `C` (so params decide which version is best)."""
+    return {key: float(model.C)}
+
+
+def cv_score(C: float = 1.0) -> dict:
+    """A tuning stage: the `C` to fit and its (made-up, deterministic) score."""
+    return {"C": C, "score": float(C)}

@@ -124,13 +124,16 @@ def test_two_processes_share_one_cache_directory(tmp_path, cli_env):
     assert {v[0] for v in third.values()} == {"cached"}
 
 
-def test_sweep_jobs_reuse_upstream_entries(tmp_path, cli_env):
+def test_hydra_multirun_jobs_reuse_upstream_entries(tmp_path, cli_env):
+    """With Hydra's own multirun (here chosen by asking for a sweep directory; merged
+    sweeps share stages inside one graph instead) each job reuses the cache of the last."""
     proc = run_pipekit(
         "run",
         "-m",
         "stages.train.params.C=0.1,1",
         "tracking=off",
         "executor=sync",
+        "hydra.sweep.dir=sweeps",
         env=cli_env,
         cwd=tmp_path,
     )

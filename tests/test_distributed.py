@@ -201,14 +201,25 @@ def test_a_resource_no_worker_offers_is_refused_before_anything_runs(cluster, tm
         make({"s": {"_target_": "core_stages.const", "resources": {"GPU": -1}}})
 
 
-def test_an_unreachable_scheduler_is_a_clear_error(monkeypatch):
+def test_an_unreachable_scheduler_stops_the_run_before_it_starts(monkeypatch, tmp_path):
     import pipekit.run.distributed as dist
 
     monkeypatch.setattr(dist, "CONNECT_TIMEOUT", 2.0)
-    p = make({"s": {"_target_": "core_stages.const"}}, executor={
-        "scheduler": "distributed", "address": "tcp://127.0.0.1:9"})  # fmt: skip
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    recorder = Recorder()
+    p = make(
+        {"s": {"_target_": "core_stages.const"}},
+        executor={"scheduler": "distributed", "address": "tcp://127.0.0.1:9"},
+        tracking={"backend": "local", "uri": uri},
+    )
     with pytest.raises(ClusterError, match=r"executor.address no Dask scheduler answers at"):
-        p.run(progress=False)
+        p.run(progress=False, observers=[recorder])
+    assert recorder.events == []  # not even `pending`: the run never started
+    if (tmp_path / "mlflow.db").exists():  # and no MLflow run was opened
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def test_without_an_address_a_local_cluster_is_started_and_closed(capsys):
@@ -263,3 +274,17 @@ def test_runs_sharing_a_scheduler_never_share_a_stages_result(cluster):
         )
         assert p.run(progress=False)["s"] == 2
         assert held.result() == 99
+
+
+def test_cli_unreachable_address_is_one_line_and_exit_2(cli_env, tmp_path):
+    from conftest import run_pipekit
+
+    proc = run_pipekit(
+        "run", "executor=distributed", "executor.address=tcp://127.0.0.1:9",
+        "tracking=off", "cache=off", env=cli_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "executor.address no Dask scheduler answers" in lines[0], lines
+    valid = run_pipekit("validate", "executor=distributed", env=cli_env, cwd=tmp_path)
+    assert valid.returncode == 0, valid.stderr

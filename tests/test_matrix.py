@@ -267,3 +267,18 @@ def test_cli_runs_one_member_and_shows_the_matrix(user_conf, cli_env, tmp_path):
     )
     assert shown.returncode == 0, shown.stderr
     assert "&times;6" in shown.stdout
+
+
+def test_the_live_view_folds_a_matrix_and_links_the_dask_dashboard():
+    from pipekit.core.events import StageEvent
+    from pipekit.display.live import LiveRun
+
+    p = make(stages())
+    live = LiveRun(display=False)
+    p.run(executor="sync", progress=False, observers=[live])
+    rows = {name: (state, note) for name, state, _, note in live.rows()}
+    assert rows["train[...]"] == ("done", "6 done") and rows["compare"][0] == "done"
+    assert not any(name.startswith("train[region") for name in rows)
+    link = "http://127.0.0.1:8787/status"
+    live.stage_changed(StageEvent("data", "running", 0.0, meta={"dashboard": link}))
+    assert f'href="{link}"' in live.status.value

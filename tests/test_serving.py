@@ -567,6 +567,38 @@ def test_alias_swap_under_load_fails_no_request(server, store):
     assert after["swaps"] == before["swaps"] + 1 and after["last_error"] is None
 
 
+def test_a_version_that_cannot_load_is_skipped_and_the_old_one_answers(server, store):
+    """@champion moved to a version whose files are gone: the server keeps answering with
+    the version it has, says why in /version, and follows again when the alias moves back."""
+    client = client_for(store["uri"])
+    before = status(server)
+    broken = client.create_model_version(
+        "cancer.serving", f"file://{store['root']}/no-such-model", run_id=None
+    )
+    client.set_registered_model_alias("cancer.serving", "champion", broken.version)
+    try:
+        deadline = time.monotonic() + 60
+        while status(server)["last_error"] is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        now = status(server)
+        assert now["last_error"] and now["last_error"].startswith(f"v{broken.version}: ")
+        assert now["version"] == before["version"]
+        answer = post(server.url, json=split_payload(rows()))
+        assert answer.status_code == 200
+        assert answer.headers["X-Pipekit-Serving-Version"] == before["version"]
+    finally:
+        client.set_registered_model_alias("cancer.serving", "champion", before["version"])
+        client.delete_model_version("cancer.serving", broken.version)
+
+
+def test_serving_without_an_export_says_so(store):
+    from pipekit.serve.server import Server
+
+    wine = pk.load("wine", overrides=["cache=off", f"tracking.uri={store['uri']}"])
+    with pytest.raises(errors.ServingError, match=r"'wine\.serving' has no versions to serve; "):
+        Server.for_pipeline(wine.spec, port=0).start()
+
+
 # --- batch: by Dask partitions, equal to online ------------------------------------------------
 
 

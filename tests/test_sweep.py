@@ -135,6 +135,7 @@ def test_other_launchers_keep_hydras_multirun():
     assert not _merged_sweep(args, ["-m"], ["hydra/sweeper=optuna", "x=1,2"])
     assert not _merged_sweep(args, [], ["x=1,2"])
     assert not _merged_sweep(args, ["-m", "--cfg", "job"], ["x=1,2"])
+    assert not _merged_sweep(args, ["-m"], ["hydra.sweep.dir=swp", "x=1,2"])  # Hydra's outputs
 
 
 def test_jobs_are_enumerated_by_hydras_sweeper():

@@ -310,8 +310,8 @@ def test_keys_mlflow_rejects_are_cleaned(store):
     result = pipeline.run(progress=False)
     parent, children = runs_of(store, "odd", result.run_id)
     assert children["s"].data.params == {"s.opt.lr_init_": "0.1"}
-    assert children["s"].data.metrics["acc_top_1"] == 0.5
-    assert parent.data.metrics["s.acc_top_1"] == 0.5
+    assert children["s"].data.metrics["acc_top:1"] == 0.5
+    assert parent.data.metrics["s.acc_top:1"] == 0.5
     assert children["s"].info.status == "FINISHED"
 
 

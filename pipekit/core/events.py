@@ -34,8 +34,12 @@ class StageEvent:
     error: BaseException | None = None
     traceback: str = ""
     reason: str = ""
-    #: extra facts for observers, e.g. {"cache_key": ..., "manifest": {...}} from the cache
+    #: extra facts for observers, e.g. {"cache_key": ..., "manifest": {...}} from the cache;
+    #: a computed stage's final event after failed attempts has {"attempt_errors": [...]}
     meta: Mapping[str, Any] = field(default_factory=dict)
+    #: the attempt that ended the stage, of `attempts` allowed (`retries` + 1)
+    attempt: int = 1
+    attempts: int = 1
 
 
 @dataclass(frozen=True, slots=True)

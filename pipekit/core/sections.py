@@ -294,6 +294,13 @@ TRACKING = Section(
         "on_error": Setting(
             ON_ERROR, "warn", "when tracking fails: warn (the run still passes) or fail"
         ),
+        "keep_versions": Setting(
+            POSITIVE_INT,
+            None,
+            "registry retention: after each registration, delete that model's versions "
+            "older than the newest N unless they hold an alias; null keeps every version",
+            True,
+        ),
     },
     selector="backend",
     absent="off",

@@ -537,6 +537,7 @@ class Inference:
 
     `models` maps training stage -> model object, `funcs` function stage -> callable.
     Steps are compiled once; a call is a loop over them, so the DAG costs microseconds.
+    With `until`, only the stages before serve stage `until` are bound and run (`trace`).
     """
 
     __slots__ = ("serve", "steps")
@@ -546,10 +547,13 @@ class Inference:
         serve: ServeSpec,
         models: Mapping[str, Any],
         funcs: Mapping[str, Callable[..., Any]],
+        *,
+        until: str | None = None,
     ):
         self.serve = serve
+        order = serve.order if until is None else serve.order[: serve.order.index(until)]
         steps = []
-        for name in serve.order:
+        for name in order:
             stage = serve.stages[name]
             if stage.model is not None:
                 call = getattr(models[stage.model], stage.method)
@@ -562,12 +566,10 @@ class Inference:
     def __call__(self, request: Any) -> Any:
         return self.trace(request)[self.serve.output]
 
-    def trace(self, request: Any, until: str | None = None) -> dict[str, Any]:
-        """Every stage's output for `request` (stopping before serve stage `until`)."""
+    def trace(self, request: Any) -> dict[str, Any]:
+        """Every (bound) stage's output for `request`, by name; `request` too."""
         values: dict[str, Any] = {REQUEST: request}
         for name, call, params, args in self.steps:
-            if name == until:
-                break
             if params is None:  # a model stage: one positional input
                 values[name] = call(_take(values, args[0]))
             else:
@@ -634,28 +636,5 @@ class StageExamples:
         if self._request is None:
             example = example_function(serve)
             self._request = example(**serve.example.params)
-        models = {**dict.fromkeys(serve.models), **self._models}
-        funcs = functions(serve)
-        values = Inference(serve, _Lazy(models), funcs).trace(self._request, until=first)
-        return _take(values, serve.stages[first].inputs["input"])
-
-
-class _Lazy(dict):
-    """Models by stage; one not needed before the stop point may be None (never called)."""
-
-    def __getitem__(self, key: str) -> Any:
-        value = super().__getitem__(key)
-        return value if value is not None else _Missing(key)
-
-
-class _Missing:
-    """Stands in for a model that a partial trace never calls."""
-
-    def __init__(self, stage: str):
-        self.stage = stage
-
-    def __getattr__(self, name: str) -> Any:
-        def missing(*args: Any, **kwargs: Any) -> Any:
-            raise LookupError(f"model of stage '{self.stage}' is not available")
-
-        return missing
+        inference = Inference(serve, self._models, functions(serve), until=first)
+        return _take(inference.trace(self._request), serve.stages[first].inputs["input"])

@@ -16,12 +16,14 @@ from ..errors import (
     ConfigTypeError,
     DuplicateArgumentError,
     EmptyPipelineError,
+    PromotionConfigError,
     StageNameError,
     UnknownKeyError,
     did_you_mean,
     where,
 )
 from .refs import Ref
+from .retry import parse_defaults, parse_settings
 
 #: Keys a stage may have, with a one-line meaning (used in errors and the docs).
 STAGE_KEYS = {
@@ -30,12 +32,17 @@ STAGE_KEYS = {
     "inputs": "mapping argument -> 'stage' or 'stage.key' (the edges)",
     "after": "list of stages that must finish first (order-only edges)",
     "retries": "how many times to re-run a failing stage",
+    "retry_delay": "wait before a retry, a duration such as 5s",
+    "retry_backoff": "factor >= 1 the retry delay grows by: delay * backoff^(attempt-1)",
+    "retry_on": "exception classes to retry (others fail at once), e.g. [ConnectionError]",
+    "timeout": "longest time one attempt may run, a duration such as 30m",
     "model": "true when the output is a fitted model (logged and registered)",
     "metrics": "keys of the dict output to log as metrics",
     "cache": "false to always recompute this stage, or {ttl: 5m} to recompute after a time",
     "watch": "files or globs whose content the stage depends on (cache key)",
     "outs": "files or directories the stage writes (hashed with its cache entry)",
-    "promote": "alias set on upstream model versions when this stage passes",
+    "promote": "alias set on the model versions at or upstream of this stage when it passes; "
+    "or {alias, metric: stage.key, mode: max|min}: only when the new version beats the holder",
     "description": "free text shown in drawings and docs",
     "resources": "abstract worker resources the stage needs, e.g. {GPU: 1} (executor=distributed)",
     "matrix": "mapping param -> list of values: one member per combination (core/matrix.py)",
@@ -58,6 +65,7 @@ TOP_LEVEL_KEYS = {
     "sweep",  # sweep.metric / sweep.mode: how `pipekit run -m` ranks jobs (pipekit/sweep.py)
     "schedule",  # cron expression for schedulers (`pipekit export airflow`, docs/production.md)
     "concurrency",  # wait | skip: what a run does while another run holds the run lock
+    "stage_defaults",  # retries, retry_delay, ... for every stage (core/retry.py)
 }
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -74,6 +82,13 @@ class Stage:
     inputs: Mapping[str, Ref] = field(default_factory=dict)
     after: tuple[str, ...] = ()
     retries: int = 0
+    #: seconds before the first retry; later retries wait `retry_delay * retry_backoff**n`
+    retry_delay: float = 0.0
+    retry_backoff: float = 1.0
+    #: exception class names worth a retry (empty: any exception); core/retry.py
+    retry_on: tuple[str, ...] = ()
+    #: seconds one attempt may run (None: no limit)
+    timeout: float | None = None
     model: bool = False
     metrics: tuple[str, ...] = ()
     cache: bool = True
@@ -82,7 +97,11 @@ class Stage:
     outs: tuple[str, ...] = ()
     #: `cache: {ttl: 5m}`: seconds after which the stored output expires (the stage re-runs)
     ttl: float | None = None
+    #: `promote`: the alias, and with `{alias, metric, mode}` the metric (`stage.key`) the
+    #: new version must beat the alias holder on (`tracking/promotion.py`), and its direction
     promote: str | None = None
+    promote_metric: str | None = None
+    promote_mode: str = "max"
     description: str = ""
     #: worker resources (executor=distributed), e.g. {"GPU": 1}
     resources: Mapping[str, float] = field(default_factory=dict)
@@ -144,7 +163,8 @@ def parse_pipeline(
             f"{where(name)}: 'stages' must be a mapping of stage name -> stage, "
             f"got {type(stages).__name__}"
         )
-    parsed = {str(k): _parse_stage(name, str(k), v) for k, v in stages.items()}
+    defaults = parse_defaults(name, config.get("stage_defaults"))
+    parsed = {str(k): _parse_stage(name, str(k), v, defaults) for k, v in stages.items()}
     matrices: dict[str, tuple[str, ...]] = {}
     from .matrix import expand, has_matrix  # members expand after composition: no YAML
 
@@ -155,7 +175,9 @@ def parse_pipeline(
     )
 
 
-def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
+def _parse_stage(
+    pipeline: str, name: str, raw: Any, defaults: Mapping[str, Any] | None = None
+) -> Stage:
     if not _IDENTIFIER.match(name):
         raise StageNameError(
             f"{where(pipeline, name)}: stage names must be Python identifiers "
@@ -193,9 +215,7 @@ def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
     params = typed("params", Mapping, "a mapping of argument -> value", {})
     raw_inputs = typed("inputs", Mapping, "a mapping of argument -> 'stage' or 'stage.key'", {})
     after = typed("after", (list, tuple), "a list of stage names", [])
-    retries = typed("retries", int, "a non-negative integer", 0)
-    if retries < 0:
-        raise ConfigTypeError(f"{where(pipeline, name, 'retries')} must be >= 0, got {retries}")
+    retry = parse_settings(pipeline, name, raw, defaults or {})
     metrics = typed("metrics", (list, tuple), "a list of output keys", [])
     watch = typed("watch", (list, tuple), "a list of file paths or globs", [])
     outs = typed("outs", (list, tuple), "a list of file or directory paths", [])
@@ -222,6 +242,7 @@ def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
                 f"[data/combined.csv, data/raw/]"
             )
     cache, ttl = _cache(pipeline, name, raw.get("cache"))
+    promote = _promote(pipeline, name, raw.get("promote"))
     both = sorted(set(inputs) & {str(k) for k in params})
     if both:
         raise DuplicateArgumentError(
@@ -234,14 +255,16 @@ def _parse_stage(pipeline: str, name: str, raw: Any) -> Stage:
         params=MappingProxyType({str(k): v for k, v in params.items()}),
         inputs=MappingProxyType(inputs),
         after=tuple(after),
-        retries=retries,
+        **retry,
         model=bool(typed("model", bool, "true or false", False)),
         metrics=tuple(metrics),
         cache=cache,
         watch=tuple(watch),
         outs=tuple(outs),
         ttl=ttl,
-        promote=typed("promote", str, "an alias name such as 'champion'", None),
+        promote=promote[0],
+        promote_metric=promote[1],
+        promote_mode=promote[2],
         description=typed("description", str, "a string", ""),
         resources=_resources(pipeline, name, raw.get("resources")),
     )
@@ -281,6 +304,67 @@ def _cache(pipeline: str, name: str, raw: Any) -> tuple[bool, float | None]:
             f"duration such as 5m, got {value!r}; {hint}"
         )
     return True, seconds
+
+
+#: Keys of `promote: {...}` (the mapping form), with their meaning.
+PROMOTE_KEYS = {
+    "alias": "the alias to move, e.g. champion",
+    "metric": "stage.key the new version must beat the holder on, e.g. evaluate.accuracy",
+    "mode": "max (higher is better, the default) or min",
+}
+PROMOTE_MODES = ("max", "min")
+
+
+def _promote(pipeline: str, name: str, raw: Any) -> tuple[str | None, str | None, str]:
+    """`promote: champion` or `promote: {alias: champion, metric: evaluate.accuracy, mode: max}`
+    as (alias, metric, mode); the metric's stage is checked against the graph later
+    (`core/promotion.py`)."""
+    key = f"stages.{name}.promote"
+    hint = f"e.g. {key}=champion or {{alias: champion, metric: evaluate.accuracy, mode: max}}"
+    if raw is None:
+        return None, None, "max"
+    if isinstance(raw, str):
+        raw = {"alias": raw}
+    if not isinstance(raw, Mapping):
+        raise PromotionConfigError(
+            f"{where(pipeline, key=key)} must be an alias name or a mapping "
+            f"({', '.join(PROMOTE_KEYS)}), got {type(raw).__name__} {raw!r}; {hint}"
+        )
+    for item in raw:
+        if item not in PROMOTE_KEYS:
+            raise PromotionConfigError(
+                f"{where(pipeline, key=f'{key}.{item}')} is not a promote setting"
+                f"{did_you_mean(str(item), PROMOTE_KEYS)}; known: {', '.join(PROMOTE_KEYS)}"
+            )
+    alias, metric, mode = raw.get("alias"), raw.get("metric"), raw.get("mode", "max")
+    if not isinstance(alias, str) or not alias.strip():
+        raise PromotionConfigError(
+            f"{where(pipeline, key=f'{key}.alias')} must be an alias name such as 'champion', "
+            f"got {'nothing' if alias is None else repr(alias)}; {hint}"
+        )
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise PromotionConfigError(
+            f"{where(pipeline, key=f'{key}.alias')} '{alias}' is reserved by MLflow ('latest' "
+            f"and v<number> name versions); pick another alias, e.g. champion"
+        )
+    if metric is not None and (not isinstance(metric, str) or "." not in metric.strip(".")):
+        raise PromotionConfigError(
+            f"{where(pipeline, key=f'{key}.metric')} must be 'stage.key' (a metric a stage "
+            f"logs), e.g. evaluate.accuracy, got {metric!r}"
+        )
+    if mode is None:
+        mode = "max"
+    if not isinstance(mode, str) or mode not in PROMOTE_MODES:
+        raise PromotionConfigError(
+            f"{where(pipeline, key=f'{key}.mode')} must be max or min, got {mode!r}"
+            f"{did_you_mean(str(mode), PROMOTE_MODES)}"
+        )
+    if metric is None and "mode" in raw:
+        raise PromotionConfigError(
+            f"{where(pipeline, key=f'{key}.mode')} is set without {key}.metric: say which "
+            f"metric the new version must beat the holder on, e.g. {key}.metric=evaluate.accuracy"
+        )
+    return alias, metric, mode
 
 
 def _resources(pipeline: str, name: str, raw: Any) -> Mapping[str, float]:

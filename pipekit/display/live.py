@@ -18,7 +18,7 @@ from ..core.result import RunResult
 from ..core.spec import PipelineSpec
 from ..core.states import State, count_states
 from ..errors import GraphvizNotFoundError
-from .dot import STATE_COLORS, STATE_STYLE
+from .dot import STATE_COLORS, STATE_STYLE, matrix_state
 from .progress import TextProgress, in_notebook
 from .render import render
 
@@ -121,16 +121,27 @@ class LiveRun(Observer):
     # --- state ------------------------------------------------------------------------
 
     def rows(self) -> list[tuple[str, str, float | None, str]]:
-        """The stage table as data: (stage, state, seconds so far or taken, note)."""
-        return [
-            (
-                name,
-                state,
-                self.board.elapsed(name),
-                self.errors.get(name) or self.board.reason.get(name, ""),
-            )
-            for name, state in self.board.state.items()
-        ]
+        """The stage table as data: (stage, state, seconds so far or taken, note); a matrix
+        is one row (`train[...]`) whose note counts its members per state."""
+        matrices = getattr(self.spec, "matrices", None) or {}
+        rows = []
+        folded: dict[str, list[str]] = {}
+        for name, state in self.board.state.items():
+            base = name.partition("[")[0]
+            if base in matrices and name != base:
+                if base not in folded:
+                    folded[base] = []
+                    rows.append((f"{base}[...]", "", None, ""))
+                folded[base].append(state)
+                continue
+            note = self.errors.get(name) or self.board.reason.get(name, "")
+            rows.append((name, state, self.board.elapsed(name), note))
+        for index, row in enumerate(rows):
+            states = folded.get(row[0][:-5]) if row[0].endswith("[...]") else None
+            if states is not None:
+                counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
+                rows[index] = (row[0], matrix_state(states), None, counts)
+        return rows
 
     # --- drawing ----------------------------------------------------------------------
 

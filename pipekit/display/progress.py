@@ -52,6 +52,8 @@ class TextProgress(Observer):
             total, finished = len(self.board.state), self.board.finished
             seconds = f" {event.duration:.2f}s" if event.duration is not None else ""
             extra = f" ({event.reason})" if event.reason else ""
+            if event.attempt > 1 or (event.state == "failed" and event.attempts > 1):
+                seconds += f" (attempt {event.attempt}/{event.attempts})"
             if event.state == "failed" and event.error is not None:
                 extra = f": {type(event.error).__name__}: {event.error}"
             self._clear()

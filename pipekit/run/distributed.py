@@ -40,6 +40,7 @@ that needs a resource no worker offers is refused before anything runs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import queue
 import sys
@@ -54,7 +55,7 @@ from .compile import Failed, Skipped
 #: How long to wait for a scheduler at `executor.address` to answer (seconds).
 CONNECT_TIMEOUT = 10.0
 #: How long to collect finished stages before fetching their outputs in one gather (s).
-GATHER_WINDOW = 0.02
+GATHER_WINDOW = 0.05
 
 
 class Announce:
@@ -79,6 +80,27 @@ class Announce:
         return self.task(*upstream)
 
 
+#: The cluster of the run in progress (`session`): (client, dashboard link).
+_ACTIVE: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
+    "pipekit_cluster", default=None
+)
+
+
+@contextlib.contextmanager
+def session(spec: Any, keys: Sequence[str]) -> Iterator[None]:
+    """The cluster for one whole run, opened before any observer hears of the run: an
+    unreachable scheduler or a resource no worker offers stops it before it starts, and
+    every compute phase of the run uses the same cluster."""
+    options = spec.section("executor")
+    with cluster_client(options, spec.name) as (client, link):
+        _check_resources(client, _resources(spec, keys), spec.name)
+        token = _ACTIVE.set((client, link))
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+
+
 def compute_on_cluster(
     dsk: dict[str, Any],
     keys: Sequence[str],
@@ -86,14 +108,19 @@ def compute_on_cluster(
     spec: Any = None,
     timer: Any = None,
 ) -> dict[str, Any]:
-    """Compute `keys` of `dsk` on the cluster the `executor` section of `spec` names.
+    """Compute `keys` of `dsk` on the run's cluster (`session`), or else on the cluster the
+    `executor` section of `spec` names, opened for this call.
 
     `timer` is the run's `execute.StageTimer` (its `begin`/`end` emit the stage events);
     `spec` a `PipelineSpec` (its executor section and stage resources), or None.
     """
+    needs = _resources(spec, keys)
+    active = _ACTIVE.get()
+    if active is not None:
+        _check_resources(active[0], needs, spec.name if spec is not None else None)
+        return _run(active[0], dsk, list(keys), needs, timer, active[1])
     options = spec.section("executor") if spec is not None else {}
     pipeline = spec.name if spec is not None else None
-    needs = _resources(spec, keys)
     with cluster_client(options, pipeline) as (client, link):
         _check_resources(client, needs, pipeline)
         return _run(client, dsk, list(keys), needs, timer, link)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ from ..core.events import Observer, Observers, RunInfo, StageEvent
 from ..core.result import RunResult
 from ..core.states import State
 from ..errors import Interrupted, StageError, WorkerDiedError, where
-from .compile import Failed, Portable, Skipped
+from .compile import Attempts, Failed, Portable, Skipped, attempt_log
 from .signals import end_as_asked, sigterm_interrupts
 
 SCHEDULERS = ("sync", "threads", "processes")  # local; "distributed": run/distributed.py
@@ -75,7 +76,7 @@ def execute(
     cached = dict(cached or {})
     reasons = dict(reasons or {})
     timer = StageTimer(dict.fromkeys(computed), observer, reasons=reasons, meta=meta)
-    with sigterm_interrupts() as own_sigterm:
+    with sigterm_interrupts() as own_sigterm, _cluster(run, computed):
         try:
             observer.run_started(run)
             if observer:
@@ -123,6 +124,16 @@ def execute(
                 end_as_asked(exc)
             raise
     return result
+
+
+def _cluster(run: RunInfo, computed: list[str]) -> AbstractContextManager[Any]:
+    """executor=distributed: the run's cluster, connected (or started) before the run is
+    announced, so an unusable cluster stops it with nothing begun (run/distributed.py)."""
+    if run.executor != "distributed" or not computed:
+        return nullcontext()
+    from .distributed import session
+
+    return session(run.spec, computed)
 
 
 def _announce_cached(cached: Mapping[str, CachedStage], observer: Observer) -> None:
@@ -241,6 +252,8 @@ class StageTimer:
         self.meta = meta or {}  # e.g. {"cache_key": ...} of stages that write an entry
         self.started: dict[str, float] = {}
         self.durations: dict[str, float] = {}
+        #: the graph being computed: its stage tasks hold the attempt logs' token
+        self.tasks: Mapping[str, Any] = {}
 
     def running(self) -> list[str]:
         """Stages started and not yet finished."""
@@ -260,9 +273,10 @@ class StageTimer:
         if key in self.stages:
             now = time.perf_counter()
             duration = self.durations[key] = now - self.started.get(key, now)
+            log = self._attempts(key)
             if self.observer is not None:
                 event = outcome_event(
-                    key, output, now, duration, self.reasons.get(key, ""), self.meta.get(key)
+                    key, output, now, duration, self.reasons.get(key, ""), self.meta.get(key), log
                 )
                 self.observer.stage_changed(event)
 
@@ -282,11 +296,17 @@ class StageTimer:
         if key in self.stages:
             now = time.perf_counter()
             duration = self.durations[key] = now - self.started[key]
+            log = self._attempts(key)
             if self.observer is not None:
                 event = outcome_event(
-                    key, result, now, duration, self.reasons.get(key, ""), self.meta.get(key)
+                    key, result, now, duration, self.reasons.get(key, ""), self.meta.get(key), log
                 )
                 self.observer.stage_changed(event)
+
+    def _attempts(self, key: str) -> Attempts | None:
+        """The attempt log a stage that passed after retries left (always popped)."""
+        task = self.tasks.get(key)
+        return attempt_log(task[0], key) if isinstance(task, tuple) and task else None
 
 
 def _upstream_failed(key: str, state: Any) -> bool:
@@ -304,9 +324,12 @@ def outcome_event(
     duration: float | None,
     reason: str = "",
     meta: Mapping[str, Any] | None = None,
+    log: Attempts | None = None,
 ) -> StageEvent:
-    """The final event of a stage from its task's output (`reason`: why it ran)."""
+    """The final event of a stage from its task's output (`reason`: why it ran; `log`: the
+    attempts of a stage that passed after failing)."""
     if isinstance(output, Failed):
+        tries = {"attempt": max(output.attempts, 1), "attempts": max(output.allowed, 1)}
         return StageEvent(
             stage,
             "failed",
@@ -315,10 +338,26 @@ def outcome_event(
             error=output.error,
             traceback=output.traceback,
             reason=reason,
+            meta={"attempt_errors": list(output.errors)} if output.allowed > 1 else {},
+            **tries,
         )
     if isinstance(output, Skipped):
         return StageEvent(stage, "skipped", at, duration, reason=f"'{output.because}' failed")
-    return StageEvent(stage, "done", at, duration, output=output, reason=reason, meta=meta or {})
+    meta = dict(meta or {})
+    if log is None:
+        return StageEvent(stage, "done", at, duration, output=output, reason=reason, meta=meta)
+    meta["attempt_errors"] = list(log.errors)
+    return StageEvent(
+        stage,
+        "done",
+        at,
+        duration,
+        output=output,
+        reason=reason,
+        meta=meta,
+        attempt=log.attempt,
+        attempts=log.allowed,
+    )
 
 
 def scheduler_get(scheduler: str) -> Callable[..., Any]:
@@ -355,6 +394,8 @@ def compute(
     The pool is ours (`pools`), so an interrupt can abandon its threads or terminate its
     processes; Dask's pools would keep the process alive, or outlive it.
     """
+    if timer is not None:
+        timer.tasks = dsk  # its stage tasks name their attempt logs (retries)
     if scheduler == "distributed":  # a Dask cluster; events via timer.begin/end
         from .distributed import compute_on_cluster
 

@@ -9,7 +9,9 @@ outlive the driver. Here, per run:
 - processes: a `ProcessPoolExecutor` whose workers ignore Ctrl-C (the driver stops them),
   are terminated (SIGTERM, then SIGKILL) when the run is interrupted, and exit by
   themselves when the driver dies, even by `kill -9` (a watchdog thread, and on Linux
-  the kernel's parent-death signal).
+  the kernel's parent-death signal). A worker whose stage timed out (its hung thread
+  abandoned) retires after that task: it sends the result, exits, and the pool starts a
+  fresh worker, as the standard library does for `max_tasks_per_child`.
 """
 
 from __future__ import annotations
@@ -101,16 +103,70 @@ class DaemonThreadPool(Executor):
 
 
 def process_pool(max_workers: int) -> Any:
-    """A process pool like Dask's (the same start method) whose workers watch the driver."""
+    """A process pool like Dask's (the same start method) whose workers watch the driver
+    and can retire (`retire_worker`)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from dask.multiprocessing import get_context
 
     if os.environ.get("PYTHONHASHSEED") in (None, "0"):  # as dask does: one hash seed for all
         os.environ["PYTHONHASHSEED"] = "6640"
-    return ProcessPoolExecutor(
+
+    class RetiringProcessPool(ProcessPoolExecutor):
+        def _spawn_process(self) -> None:  # CPython 3.11-3.13's hook; our worker loop
+            process = self._mp_context.Process(
+                target=_retiring_worker,
+                args=(self._call_queue, self._result_queue, self._initializer, self._initargs),
+            )
+            process.start()
+            self._processes[process.pid] = process
+
+    return RetiringProcessPool(
         max_workers, mp_context=get_context(), initializer=worker_started, initargs=(os.getpid(),)
     )
+
+
+#: set in a worker process whose stage thread was abandoned (a timeout): it retires
+_retiring = threading.Event()
+
+
+def retire_worker() -> None:
+    """Ask this worker process to exit after its current task (a no-op in the driver)."""
+    _retiring.set()
+
+
+def _retiring_worker(call_queue: Any, result_queue: Any, initializer: Any, initargs: Any) -> None:
+    """The standard library's worker loop (`concurrent.futures.process._process_worker`),
+    plus retiring: after a task that called `retire_worker`, send its result marked as the
+    worker's last (`exit_pid`, which makes the pool start a replacement) and exit at once,
+    without waiting for the abandoned thread."""
+    from concurrent.futures.process import _ExceptionWithTraceback, _sendback_result
+
+    try:
+        initializer(*initargs)
+    except BaseException:  # as the standard library: the pool notices the exit, is broken
+        return
+    _retiring.clear()  # only a worker's own tasks decide (a forked copy starts clean)
+    while True:
+        call_item = call_queue.get(block=True)
+        if call_item is None:
+            result_queue.put(os.getpid())
+            return
+        try:
+            result = call_item.fn(*call_item.args, **call_item.kwargs)
+        except BaseException as exc:
+            error = _ExceptionWithTraceback(exc, exc.__traceback__)
+            exit_pid = os.getpid() if _retiring.is_set() else None
+            _sendback_result(result_queue, call_item.work_id, exception=error, exit_pid=exit_pid)
+        else:
+            exit_pid = os.getpid() if _retiring.is_set() else None
+            _sendback_result(result_queue, call_item.work_id, result=result, exit_pid=exit_pid)
+            del result
+        del call_item
+        if _retiring.is_set():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)  # the abandoned stage thread must not keep us (it may hold the GIL)
 
 
 def worker_started(driver: int) -> None:

@@ -315,6 +315,12 @@ def _download(client: Any, uri: str, name: str, version: str, tmp: str) -> tuple
     except Exception as exc:
         raise ServingError(f"{name} v{version} cannot be downloaded from {uri}: {exc}") from exc
     model = mlflow.pyfunc.load_model(path)
+    try:  # warm up here: what the first predict imports, forked workers then inherit
+        example = model.input_example
+    except Exception:
+        example = None
+    if example is not None:
+        model.predict(example)
     _MODELS[path] = model
     return path, model
 
@@ -341,6 +347,11 @@ def _compute(job: Job, parts: list[Part], scheduler: str, workers: int) -> int:
 
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
+        if "fork" in methods:  # what the tasks import, imported once here, not per worker
+            import fsspec.utils  # noqa: F401
+            import pyarrow.parquet  # noqa: F401
+
+            from . import model  # noqa: F401
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             counts = get(dsk, keys, pool=pool, chunksize=1)
     return int(sum(counts))

@@ -27,7 +27,7 @@ from ..core.serving import ServeSpec, example_function
 from ..core.spec import PipelineSpec
 from ..errors import ServeConfigError, ServingError, where
 from ..tracking import tags as tag
-from .registry import Pin, download, open_client, resolve_pins, tracking_uri
+from .registry import Pin, aliased_version, download, open_client, resolve_pins, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,14 @@ def export(
     *,
     alias: bool | str = True,
     skip_unchanged: bool = False,
+    prefer: str | None = None,
 ) -> Exported:
     """Log and register the inference DAG of a validated pipeline; see the module doc.
 
     `alias=True` moves `serve.alias` to the new version, a string moves that alias,
     False moves none. `skip_unchanged` registers nothing when the alias already points
-    at a version applying the same stage versions (export on promote).
+    at a version applying the same stage versions; `prefer` names the alias stage
+    versions are taken from when their `version` is unset (both: export on promote).
     """
     if serve is None:
         raise ServeConfigError(
@@ -91,9 +93,9 @@ def export(
 
     with http_limits():
         client = open_client(uri)
-        pins = resolve_pins(client, serve, training_order)
+        pins = resolve_pins(client, serve, training_order, prefer)
         if skip_unchanged and moved:
-            current = _aliased(client, serve.model_name, moved)
+            current = aliased_version(client, serve.model_name, moved)
             if current is not None and all(
                 (current.tags or {}).get(tag.upstream(p.stage)) == f"{p.name}/{p.version}"
                 for p in pins.values()
@@ -108,16 +110,6 @@ def export(
                     new=False,
                 )
         return _log(client, spec, serve, pins, uri, moved)
-
-
-def _aliased(client: Any, name: str, alias: str) -> Any:
-    """The version `alias` points at, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
 
 
 def _log(

@@ -73,11 +73,14 @@ def open_client(uri: str) -> Any:
     return client_for(uri)
 
 
-def resolve_pins(client: Any, serve: ServeSpec, training_order: Iterable[str]) -> dict[str, Pin]:
+def resolve_pins(
+    client: Any, serve: ServeSpec, training_order: Iterable[str], prefer: str | None = None
+) -> dict[str, Pin]:
     """The version of every model stage the DAG applies, consistent with each other.
 
     Explicit versions and aliases first, then unset ones downstream first, each taking
-    the version named by the lineage of a chosen one, else the latest successful run's.
+    the version alias `prefer` names (when given and set), else the version named by the
+    lineage of a chosen one, else the latest successful run's.
     """
     wanted = serve.models
     users = {stage.model: name for name, stage in serve.stages.items() if stage.model}
@@ -90,7 +93,10 @@ def resolve_pins(client: Any, serve: ServeSpec, training_order: Iterable[str]) -
         if stage in pins:
             continue
         named = [p for p in pins.values() if stage in p.upstream]
-        if named:
+        aliased = aliased_version(client, serve.registered(stage), prefer) if prefer else None
+        if aliased is not None:
+            pins[stage] = _pin(stage, aliased, f"@{prefer}")
+        elif named:
             found = _get(client, serve, users[stage], stage, named[0].upstream[stage])
             pins[stage] = _pin(stage, found, f"trained with {named[0]}")
         else:
@@ -236,6 +242,16 @@ def _get(client: Any, serve: ServeSpec, user: str, stage: str, version: str) -> 
             f"{_where(serve, user)} version {version}: registered model '{name}' has no "
             f"version {version} (newest: {newest})"
         ) from None
+
+
+def aliased_version(client: Any, name: str, alias: str) -> Any:
+    """The version `alias` points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
 
 
 def _aliases(client: Any, name: str) -> str:

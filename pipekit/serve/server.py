@@ -135,6 +135,7 @@ class Follower:
             if current is not None and current.version == version:
                 if current.chosen != chosen:
                     self.current = dataclasses.replace(current, chosen=chosen)
+                self.last_error = None  # checked, and nothing is wrong now
                 return False
             failed_at = self._failed.get(version)
             if failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED:

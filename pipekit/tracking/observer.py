@@ -57,6 +57,7 @@ from .client import (
     text,
     version_for_cache_key,
 )
+from .promotion import promote, prune_versions
 from .settings import settings_from_config
 
 log = logging.getLogger(__name__)
@@ -481,6 +482,11 @@ class MlflowObserver(Observer):
         tags: dict[str, str] = {tag.CACHE_KEY: str(cache_key)} if cache_key else {}
         if event.state == "cached":
             tags[tag.CACHE_HIT] = "true"
+        elif event.attempts > 1:  # retries: attempts made, and what failed first
+            tags[tag.ATTEMPTS] = f"{event.attempt}/{event.attempts}"
+            errors = meta.get("attempt_errors") or ()
+            if errors:
+                tags[tag.FIRST_ERROR] = text(scrub(str(errors[0]), self._secrets))
         if stage not in self.stage_runs:  # cached (or no `running` event): open it now
             seconds = event.duration or 0.0
             self._open_stage(stage, ended_ms - int(seconds * 1000), tags)
@@ -592,6 +598,8 @@ class MlflowObserver(Observer):
         created = register(client, name, source, run_id, tags, run.spec.stages[stage])
         version = str(created.version)
         self.versions[stage] = (name, version)
+        keep = run.spec.section("tracking").get("keep_versions")  # retention (promotion.py)
+        prune_versions(client, self.uri, name, keep, self._note_failure)
         return name, version, run_id
 
     def _note_failure(self, message: str) -> None:
@@ -599,12 +607,14 @@ class MlflowObserver(Observer):
         self.failures.append(message)
 
     def _promote(self, alias: str, stage: str) -> list[str]:
-        """Set `alias` on the versions of every model stage upstream of a passing stage."""
-        promoted = []
-        for model, version in self._upstream_versions(stage).values():
-            self.client.set_registered_model_alias(model, alias, version)
-            promoted.append(f"{model}/{version}")
-        return promoted
+        """Move `alias` on the versions of the model stages at or upstream of a passing
+        stage: always, or when they beat its holder on `promote.metric` (promotion.py)."""
+        run = self._run
+        assert run is not None
+        own = {stage: self.versions[stage]} if stage in self.versions else {}
+        versions = {**self._upstream_versions(stage), **own}
+        metrics, run_id = self._parent_metrics, self.stage_runs.get(stage)
+        return promote(self.client, self.uri, run.spec, run.graph, stage, versions, metrics, run_id)
 
     def _finish_parent(self, result: RunResult) -> None:
         if self.parent_run_id is None:

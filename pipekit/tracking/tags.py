@@ -29,6 +29,9 @@ MODEL_VERSION = "pipekit.model_version"
 MODEL_ERROR = "pipekit.model_error"
 PROMOTED = "pipekit.promoted"
 PROMOTE_ERROR = "pipekit.promote_error"
+PROMOTION = "pipekit.promotion"  # why an alias moved or stayed (metric of new vs holder)
+ATTEMPTS = "pipekit.attempts"  # a stage with retries: attempts made, e.g. "2/3"
+FIRST_ERROR = "pipekit.first_error"  # ... and its first failed attempt's error
 
 # model versions
 PARENT_RUN_ID = "pipekit.parent_run_id"
@@ -39,6 +42,13 @@ SWEEP_ID = "pipekit.sweep_id"  # every parent run of one `pipekit run -m` / `pk.
 SWEEP_JOB = "pipekit.sweep_job"  # the job's number and overrides in that sweep
 SHARED = "pipekit.shared."  # + stage: the stage run (of an earlier job) this job reused
 UPSTREAM = "pipekit.upstream."  # + stage name: "<model>/<version>" it consumed
+METRIC = "pipekit.metric."  # + stage.key: the promotion metric of the run that made it
+CANDIDATE = "pipekit.candidate."  # + alias: "true" once the version competed for it
+
+
+def metric(stage: str, name: str) -> str:
+    """The tag holding a version's promotion metric `stage.name` (`pipekit.metric.evaluate.acc`)."""
+    return f"{METRIC}{key_text(stage)}.{name}"
 
 
 def upstream(stage: str) -> str:
