@@ -347,6 +347,18 @@ def describe(pipeline: Pipeline) -> str:
             lines.append(f"  {'':<{width}}    {arg} <- {ref}")
         for dep in stage.after:
             lines.append(f"  {'':<{width}}    after {dep}")
+    from .core.serving import check_serve
+
+    serve = check_serve(pipeline.spec)
+    if serve is not None:  # the inference DAG, beside the training DAG
+        lines.append(f"serve '{serve.model_name}' ({len(serve.stages)} stages)")
+        width = max(len(name) for name in serve.stages)
+        for name in serve.order:
+            stage = serve.stages[name]
+            what = f"model of {stage.model}.{stage.method}" if stage.model else stage.target
+            lines.append(f"  {name:<{width}}  {what}")
+            for arg, ref in stage.inputs.items():
+                lines.append(f"  {'':<{width}}    {arg} <- {ref}")
     return "\n".join(lines)
 
 

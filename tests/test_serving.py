@@ -688,3 +688,20 @@ def test_export_on_promote_follows_a_retrain(store):
     train = client.get_model_version_by_alias("cancer.train", "champion")
     assert champion.tags["pipekit.upstream.train"] == f"cancer.train/{train.version}"
     assert str(train.version) != "1"  # the retrained model, C=0.3
+
+
+def test_show_draws_the_serve_dag_beside_the_training_dag(cli_env, tmp_path):
+    """`pipekit show` lists the inference DAG after the training DAG, and the drawing puts
+    it in its own box with a dotted edge from each training stage whose model it applies."""
+    text = run_pipekit("show", "tracking=off", env=cli_env, cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    serve_part = text.stdout.split("serve 'cancer.serving' (3 stages)", 1)[1]
+    assert "proba    model of train.predict_proba" in serve_part
+    assert "input <- scale" in serve_part
+    dot = run_pipekit("show", "--format", "dot", "tracking=off", env=cli_env, cwd=tmp_path)
+    assert dot.returncode == 0, dot.stderr
+    assert 'subgraph "cluster_serve"' in dot.stdout
+    assert '"train" -> "serve:proba" [style=dotted' in dot.stdout
+    assert '"serve:request" -> "serve:scale"' in dot.stdout
+    svg = run_pipekit("show", "--format", "svg", "tracking=off", env=cli_env, cwd=tmp_path)
+    assert svg.returncode == 0 and "<title>serve:respond</title>" in svg.stdout

@@ -8,8 +8,10 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 
+from ..core.serving import REQUEST, parse_serve
 from ..core.spec import PipelineSpec, Stage
 from ..core.states import State
+from ..errors import ConfigError
 
 #: Node attributes per stage state: fill, border and text colours, border style.
 STATE_STYLE: dict[str, dict[str, str]] = {
@@ -125,6 +127,7 @@ def static_source(spec: PipelineSpec, legend: bool) -> str:
             drawn.add((tail, head, ""))
             tip = f"{head} runs after {tail} (order only)"
             out.append(f"  {quote(tail)} -> {quote(head)} [style=dashed, tooltip={quote(tip)}];")
+    out.extend(_serve_lines(spec))
     if legend:
         cells = "".join(
             f'<td bgcolor="{s["fillcolor"]}" color="{s["color"]}" border="1">'
@@ -234,3 +237,42 @@ def _matrix_status(
         counts = {s: states.count(s) for s in dict.fromkeys(states)}
         why[base] = ", ".join(f"{n} {s}" for s, n in counts.items())
     return folded, why
+
+
+def _serve_lines(spec: PipelineSpec) -> list[str]:
+    """The inference DAG of the `serve` section beside the training DAG: its stages in a
+    dashed box fed by the request, and a dotted edge from each training stage whose
+    registered model a serve stage applies. Drawn once the section is valid."""
+    if not spec.config.get("serve"):
+        return []
+    try:
+        serve = parse_serve(spec.name, spec.config["serve"])
+    except ConfigError:  # `pipekit validate` names the fault; the drawing leaves it out
+        return []
+    if serve is None:
+        return []
+    node = {name: f"serve:{name}" for name in serve.stages}
+    node[REQUEST] = "serve:request"
+    lines = [
+        '  subgraph "cluster_serve" {',
+        '    label="serve"; style="rounded,dashed"; color="#9e9e9e"; fontname="Helvetica";',
+        f'    {quote(node[REQUEST])} [label="request", shape=oval, id="serve-request"];',
+    ]
+    for name, stage in serve.stages.items():
+        what = f"{stage.model}.{stage.method}" if stage.model else short_target(stage.target or "")
+        label = (
+            f"<<b>{html.escape(name)}</b><br/>"
+            f'<font point-size="9" color="#757575">{html.escape(what)}</font>>'
+        )
+        lines.append(f"    {quote(node[name])} [label={label}, id={quote('serve-' + name)}];")
+    lines.append("  }")
+    for name, stage in serve.stages.items():
+        for arg, ref in stage.inputs.items():
+            lines.append(f"  {quote(node[ref.stage])} -> {quote(node[name])} {_attrs(label=arg)};")
+        if stage.model:
+            tip = f"serve stage {name} applies the registered model of {stage.model}"
+            lines.append(
+                f"  {quote(stage.model)} -> {quote(node[name])} "
+                f"[style=dotted, constraint=false, tooltip={quote(tip)}];"
+            )
+    return lines
