@@ -25,8 +25,6 @@ from .core.spec import (
     parse_pipeline,
 )
 from .errors import ConfigError, Interrupted, OverrideError
-from .run.compile import GATHER_KEY, build_graph, gather
-from .run.execute import execute
 from .runlock import check_concurrency, locked
 
 if TYPE_CHECKING:
@@ -141,6 +139,8 @@ class Pipeline:
         if self._tasks is None:
             order = self.graph.order()
             with bulk_allocation():
+                from .run.compile import build_graph
+
                 self._tasks = build_graph(self.spec, self._funcs or {}, order)
         if stages is None or len(stages) == len(self._tasks):
             return dict(self._tasks)
@@ -152,6 +152,8 @@ class Pipeline:
 
         stages = self.plan(targets)
         dsk = self.tasks(stages)
+        from .run.compile import GATHER_KEY, gather
+
         dsk[GATHER_KEY] = (gather, *stages)
         return Delayed(GATHER_KEY, dsk)
 
@@ -276,6 +278,8 @@ class Pipeline:
             )
             dsk, computed, cached, reasons, meta = phases.first()
             then = phases.next
+        from .run.execute import execute  # Dask's callbacks and pools: loaded to run
+
         try:
             result = execute(
                 run,
