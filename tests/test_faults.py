@@ -53,6 +53,14 @@ def cli(conf: Path, *overrides: str) -> list[str]:
     ]
 
 
+def start(command: list[str], env: dict, cwd: Path, **extra) -> subprocess.Popen:
+    """A pipekit process in its own session (signals sent to it reach only its group)."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(
+        command, env=env, cwd=cwd, start_new_session=True, **{**options, **extra}
+    )
+
+
 def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 90) -> int:
     """The pid a `hang` stage wrote to `path`, once it runs (bounded; fails if proc ended)."""
     deadline = time.monotonic() + seconds
@@ -252,14 +260,10 @@ def test_signal_ends_a_hung_run_killed_with_nothing_left(executor, sig, tmp_path
             },
         },
     )
-    proc = subprocess.Popen(
+    proc = start(
         cli(conf, f"executor={executor}", "tracking=local", f"tracking.uri={uri}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        start_new_session=True,
+        cli_env,
+        tmp_path,
         preexec_fn=reset_sigint,
     )
     try:
@@ -307,14 +311,10 @@ def test_second_ctrl_c_prints_no_traceback(tmp_path, cli_env):
             }
         },
     )
-    proc = subprocess.Popen(
+    proc = start(
         cli(conf, "executor=threads", "tracking=local", f"tracking.uri={uri}"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        start_new_session=True,
+        cli_env,
+        tmp_path,
         preexec_fn=reset_sigint,
     )
     try:
@@ -350,14 +350,11 @@ def test_workers_exit_after_kill_9_of_the_driver(tmp_path, cli_env):
             for name in ("left", "right")
         },
     )
-    proc = subprocess.Popen(
+    proc = start(
         cli(conf, "executor=processes", "executor.num_workers=2"),
+        cli_env,
+        tmp_path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        start_new_session=True,
     )
     try:
         workers = [wait_for(tmp_path / f"{name}.pid", proc) for name in ("left", "right")]
@@ -398,15 +395,7 @@ def test_sigterm_to_a_python_program_ends_its_run_killed(tmp_path, cli_env):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     script = tmp_path / "api_run.py"
     script.write_text(API_RUN)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path), uri],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env,
-        cwd=tmp_path,
-        start_new_session=True,
-    )
+    proc = start([sys.executable, str(script), str(tmp_path), uri], cli_env, tmp_path)
     try:
         worker = wait_for(tmp_path / "stuck.pid", proc)
         wait_for_run(tmp_path / "mlflow.db", "stuck", proc)
