@@ -97,6 +97,7 @@ def executors(repeat: int, cluster_for: Callable[[int], str]) -> None:
     line(
         f"   {'executor':<12} {'workers':>7} {'wall':>8} {'ideal':>7} {'ratio':>6}  target <= 1.15"
     )
+    first = None
     for workers in (8, 2):
         ideal = NAP * math.ceil(8 / workers)
         for scheduler in ("threads", "processes", "distributed"):
@@ -109,24 +110,66 @@ def executors(repeat: int, cluster_for: Callable[[int], str]) -> None:
             else:
                 executor = {"scheduler": scheduler, "num_workers": workers}
             p = pk.Pipeline.from_config(naps_config(executor)).validate()
+            if scheduler == "processes" and first is None:  # starts the fork server
+                t0 = time.perf_counter()
+                p.run(progress=False)
+                first = time.perf_counter() - t0
             wall = best(lambda p=p: p.run(progress=False), repeat)
             line(
                 f"   {scheduler:<12} {workers:>7} {wall:>7.3f}s {ideal:>6.2f}s "
                 f"{wall / ideal:>5.2f}x"
             )
+            if scheduler == "processes":  # what each run pays before its stages can start
+                startup = min(pool_startup(workers) for _ in range(repeat))
+                line(
+                    f"   {'':<12} {'':>7} (of which starting and stopping {workers} workers: "
+                    f"{startup:.3f}s)"
+                )
             if scheduler == "distributed":  # Dask's own floor on the same cluster
                 from distributed import Client
 
                 with Client(executor["address"], set_as_default=False) as client:
                     raw = best(lambda c=client: c.get(*fresh_naps()), repeat)
+                connect = min(connect_time(executor["address"]) for _ in range(repeat))
+                line(
+                    f"   {'':<12} {'':>7} (of which connecting a client: {connect:.3f}s; the "
+                    f"run does not wait for its close)"
+                )
                 line(
                     f"   {'raw Client.get':<12} {workers:>7} {raw:>7.3f}s {ideal:>6.2f}s "
                     f"{raw / ideal:>5.2f}x"
                 )
     line(
-        "   processes: each run starts (and stops) its own worker pool; distributed: a running "
-        "cluster, the client connects per run"
+        "   processes: each run starts (and stops) its own workers, forks of a fork server "
+        f"started by the first run in the process ({first:.2f}s for that first run); "
+        "distributed: a running cluster, the client connects per run, raw Client.get uses "
+        "one connected client"
     )
+
+
+def pool_startup(workers: int) -> float:
+    """Start a run's worker pool (every worker up, each with one 20 ms task) and stop it;
+    the 20 ms, which keeps a worker busy so that the next task needs a new one, is not
+    counted."""
+    from pipekit.run.pools import process_pool
+
+    t0 = time.perf_counter()
+    pool = process_pool(workers)
+    for future in [pool.submit(time.sleep, 0.02) for _ in range(workers)]:
+        future.result()
+    pool.shutdown(wait=True)
+    return time.perf_counter() - t0 - 0.02
+
+
+def connect_time(address: str) -> float:
+    """Seconds to connect a client to the scheduler at `address` (then closed, untimed)."""
+    from distributed import Client
+
+    t0 = time.perf_counter()
+    client = Client(address, set_as_default=False)
+    elapsed = time.perf_counter() - t0
+    client.close()
+    return elapsed
 
 
 def tagged(dsk: dict, keys: list[str]) -> tuple[dict, list[str]]:
@@ -209,7 +252,11 @@ def matrix(members: int) -> None:
         f"   expand+parse {t1 - t0:.2f} s, validate {t2 - t1:.2f} s, compile+run {t3 - t2:.2f} s: "
         f"{t3 - t0:.2f} s  target < 10 s"
     )
-    line(f"   the same graph to raw dask.get: {raw:.2f} s ({(t3 - t0) / raw:.1f}x)")
+    line(
+        f"   the same graph to raw dask.get: {raw:.2f} s ({raw / (members + 1) * 1e6:.0f} us/task: "
+        f"Task conversion, dask.order, a future and a queue per task); pipekit {(t3 - t0) / raw:.2f}x"
+    )
+    line("   (executor=sync runs a compiled graph in order in this thread: run/inline.py)")
 
 
 # --- 4. Pipeline.from_config(dict) vs Hamilton -----------------------------------------------

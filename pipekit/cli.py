@@ -110,15 +110,23 @@ def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
 
 
 def _tracked_where(tracking: dict[str, str]) -> str:
-    """Where the MLflow run is and how to open it: a UI link, or the `mlflow ui` command."""
+    """Where the MLflow run is and how to open it: links to the parent run and to the
+    experiment in the UI's "Model training" view, or the `mlflow ui` command first."""
+    from .tracking.client import ui_links
+
     uri, experiment, run = (
         tracking["mlflow_uri"],
         tracking["mlflow_experiment_id"],
         tracking["mlflow_run_id"],
     )
     if uri.startswith(("http://", "https://")):
-        return f"tracked in MLflow: {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run}"
-    return f"tracked in MLflow run {run} ({uri}); browse: mlflow ui --backend-store-uri {uri}"
+        experiment_url, run_url = ui_links(uri, experiment, run)
+        return f"tracked in MLflow run {run}: {run_url} (experiment: {experiment_url})"
+    _, run_url = ui_links("http://127.0.0.1:5000", experiment, run)  # `mlflow ui`'s address
+    return (
+        f"tracked in MLflow run {run} ({uri}); browse: mlflow ui --backend-store-uri {uri}, "
+        f"then {run_url}"
+    )
 
 
 @option("run")
@@ -810,6 +818,10 @@ def _run_hydra(cmd: Command, args: argparse.Namespace, hydra_args: list[str]) ->
             flags=getattr(args, "typed_options", ()),
         )
     found = sources(overrides, args.config_dir, args.config_name)
+    if cmd.name == "run" and not getattr(args, "explain", False):  # the MLflow writer process
+        from .tracking.writer import start_if_tracked  # imports MLflow while Hydra composes
+
+        start_if_tracked(flags, overrides, args.config_dir, args.config_name)
     multirun = any(f in ("-m", "--multirun") for f in flags) or "hydra.mode=MULTIRUN" in overrides
     scratch = tempfile.mkdtemp(prefix="pipekit-hydra-")  # a sweep's multirun.yaml, removed
     quiet = hydra_output(overrides, multirun=multirun, scratch=scratch)
@@ -908,12 +920,16 @@ def _job(cmd: Command, args: argparse.Namespace, cfg: Any, found: Any) -> int:
             flags=getattr(args, "typed_options", ()),
         )
         sys.stderr.write(f"pipekit: sweep job #{hydra_cfg.job.num}: {again}\n")
-    if cmd.name == "run" and not getattr(args, "explain", False):  # MLflow's import overlaps
-        # with validation and the first stages (a daemon thread: see tracking/prewarm.py)
-        from .tracking.prewarm import prewarm, tracking_on
+    if cmd.name == "run" and not getattr(args, "explain", False):  # MLflow's writer process
+        # overlaps with validation and the stages (see tracking/writer.py); started already
+        # unless tracking looked off before composing
+        from .tracking.prewarm import tracking_on
+        from .tracking.writer import discard_early, start_early
 
         if tracking_on(cfg.get("tracking")):
-            prewarm()
+            start_early()
+        else:
+            discard_early()
     try:
         pipeline = Pipeline.from_config(
             cfg,

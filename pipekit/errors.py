@@ -213,6 +213,11 @@ class WorkerDiedError(StageError):
     """A worker process died while running a stage (`os._exit`, a crash, the OOM killer)."""
 
 
+class StageNotRetriedError(StageError):
+    """A stage failed with an error its `retry_on` does not list, in a task whose scheduler
+    owns the retries (`pipekit export airflow`): the task must fail without a retry."""
+
+
 class CacheEntryError(PipekitError):
     """A stored stage output cannot be read (truncated, corrupt, unpicklable here)."""
 
@@ -237,6 +242,11 @@ class PromotionError(TrackingError):
 class TrackingUnavailableError(TrackingError):
     """The tracking store cannot be used in time: a server that does not answer, or a local
     store whose creation lock another process holds too long. The message names the URI."""
+
+
+class TrackingWriterError(TrackingError):
+    """The tracking writer process of `pipekit run` ended (killed, crashed) before the run's
+    MLflow calls were done; the driver ended the runs it had reported creating FAILED."""
 
 
 class TrackingFailedError(TrackingError):

@@ -6,6 +6,10 @@ The lock is an `fcntl.flock` on `<cache dir>/locks/<pipeline>.lock` (a local cac
 fsspec cache, or none). The kernel drops it when the holder exits, however it exits, so
 a killed run never leaves a stale lock. It serialises runs on one machine; on several,
 let the scheduler do it (the exported Airflow DAG sets `max_active_runs=1`).
+
+A merged sweep (`pipekit run -m`, `pk.sweep`) is one run of the pipeline as far as the
+lock goes: it holds the lock of its jobs' pipeline and cache (`run_locks`) for the whole
+merged graph, and waits or skips as a single run would.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -117,6 +121,22 @@ def run_lock(spec: PipelineSpec, *, say: Callable[[str], None] | None = None) ->
             held.discard(str(path))
     finally:
         handle.close()  # closing the file releases the lock
+
+
+@contextmanager
+def run_locks(
+    specs: Iterable[PipelineSpec], *, say: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold the run lock of every pipeline and cache among `specs` for the block (a merged
+    sweep: usually one lock; jobs that sweep `cache.path` touch several caches). Taken in
+    path order, so two sweeps never each hold one and wait for the other."""
+    chosen: dict[str, PipelineSpec] = {}
+    for spec in specs:
+        chosen.setdefault(str(lock_path(spec)), spec)
+    with ExitStack() as stack:
+        for path in sorted(chosen):
+            stack.enter_context(run_lock(chosen[path], say=say))
+        yield
 
 
 def locked(run: F) -> F:

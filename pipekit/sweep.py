@@ -18,6 +18,10 @@ the links are written after the run, from the trackers' run ids, in this process
 
 The sweep ends with a table: one row per job, the swept values, every metric, and the
 best job by `sweep.metric` / `--best evaluate.accuracy` (`sweep.mode`: max or min).
+
+The whole merged sweep holds the pipeline's run lock (`runlock.run_locks`), as one run
+of it would: `concurrency: wait` queues it behind a run still going, `skip` makes it do
+nothing (RunSkipped; the CLI says so and exits 0), and runs started meanwhile wait or skip.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from .core.result import RunResult
 from .core.sections import check_value, checked
 from .core.spec import PipelineSpec
 from .core.text import table
-from .errors import SweepError, did_you_mean, where
+from .errors import RunSkipped, SweepError, did_you_mean, where
 from .pipeline import Pipeline, _progress_display
 from .run.compile import Value
 from .run.execute import CachedStage, execute
+from .runlock import run_locks
 
 if TYPE_CHECKING:
     from .tracking.observer import MlflowObserver
@@ -416,43 +421,46 @@ def run_sweep(
     if executor:
         scheduler = check_value(first.name, "executor", "scheduler", executor)
 
-    jobs = [_plan(i, p, targets, force) for i, p in enumerate(pipelines)]
-    merged = _merge(jobs)
-    sweep_id = uuid.uuid4().hex
-    spec = merged.spec(first.spec)
-    run = RunInfo(
-        spec=spec,
-        graph=Graph.of(spec),
-        stages=tuple(merged.order),
-        executor=scheduler,
-        run_id=sweep_id,
-        started=time.time(),
-        overrides=tuple(overrides[0]) if overrides else (),
-        cache=None,
-    )
-    tracking = _JobTracking(jobs, merged, sweep_id)
-    observer = Observers([tracking, *_progress_display(spec, progress), *observers])
-    result = execute(
-        run,
-        merged.dsk,
-        merged.computed,
-        observer,
-        cached=merged.cached,
-        reasons=merged.reasons,
-        meta=merged.meta,
-        num_workers=run_settings["num_workers"],
-    )
-    done = []
-    for job, job_overrides_ in zip(jobs, overrides, strict=True):
-        job_result = _job_result(job, result, merged)
-        entry = SweepJob(job.number, tuple(job_overrides_), job.pipeline, job_result)
-        if job.tracker is not None:
-            entry.tracking = dict(job.tracker.location())
-            job_result.tracking.update(entry.tracking)
-        done.append(entry)
-    _link_shared(jobs, done, merged, sweep_id)
-    shared = sum(1 for users in merged.users.values() if len(users) > 1)
-    return SweepResult(sweep_id, done, list(swept), metric, mode, shared, len(merged.order))
+    for pipeline in pipelines:  # a config error says so at once, not after waiting
+        pipeline.validate()
+    with run_locks(p.spec for p in pipelines):  # as a run of the pipeline: wait or skip
+        jobs = [_plan(i, p, targets, force) for i, p in enumerate(pipelines)]
+        merged = _merge(jobs)
+        sweep_id = uuid.uuid4().hex
+        spec = merged.spec(first.spec)
+        run = RunInfo(
+            spec=spec,
+            graph=Graph.of(spec),
+            stages=tuple(merged.order),
+            executor=scheduler,
+            run_id=sweep_id,
+            started=time.time(),
+            overrides=tuple(overrides[0]) if overrides else (),
+            cache=None,
+        )
+        tracking = _JobTracking(jobs, merged, sweep_id)
+        observer = Observers([tracking, *_progress_display(spec, progress), *observers])
+        result = execute(
+            run,
+            merged.dsk,
+            merged.computed,
+            observer,
+            cached=merged.cached,
+            reasons=merged.reasons,
+            meta=merged.meta,
+            num_workers=run_settings["num_workers"],
+        )
+        done = []
+        for job, job_overrides_ in zip(jobs, overrides, strict=True):
+            job_result = _job_result(job, result, merged)
+            entry = SweepJob(job.number, tuple(job_overrides_), job.pipeline, job_result)
+            if job.tracker is not None:
+                entry.tracking = dict(job.tracker.location())
+                job_result.tracking.update(entry.tracking)
+            done.append(entry)
+        _link_shared(jobs, done, merged, sweep_id)
+        shared = sum(1 for users in merged.users.values() if len(users) > 1)
+        return SweepResult(sweep_id, done, list(swept), metric, mode, shared, len(merged.order))
 
 
 def _check_metric(pipeline: Pipeline, metric: str) -> None:
@@ -771,16 +779,20 @@ def run_cli(
     pipelines = compose_jobs(
         jobs, config_dir=config_dir, config_name=config_name, announce=announce
     )
-    result = run_sweep(
-        pipelines,
-        jobs,
-        swept,
-        targets=list(targets) or None,
-        best=best,
-        force=force,
-        observers=[] if quiet else [TextProgress(sys.stderr)],
-        progress=False,
-    )
+    try:
+        result = run_sweep(
+            pipelines,
+            jobs,
+            swept,
+            targets=list(targets) or None,
+            best=best,
+            force=force,
+            observers=[] if quiet else [TextProgress(sys.stderr)],
+            progress=False,
+        )
+    except RunSkipped as skipped:  # `concurrency: skip` and another run holds the lock
+        sys.stderr.write(f"pipekit: {skipped}\n")
+        return 0
     for job in result.jobs:  # each job's metrics as a single run prints them
         shown = " ".join(o for o in job.overrides if o.split("=", 1)[0].lstrip("+~") in swept)
         print(f"# job #{job.number} {shown}".rstrip())

@@ -91,13 +91,17 @@ def airflow_env(tmp_path: Path) -> dict[str, str]:
 
 
 def stage_runs(uri: str) -> tuple[list, list, object]:
-    """(parent runs, nested runs, client) of experiment `book` in the store at `uri`."""
+    """(parent runs, nested runs, client) of experiment `book` in the store at `uri`; the
+    run of the book.serving export (`serve.export_on_promote`) is checked on its own."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("book")
     assert experiment is not None, f"no experiment 'book' in {uri}"
     runs = client.search_runs([experiment.experiment_id], max_results=500)
+    exports = [r for r in runs if r.data.tags.get("mlflow.source.name") == "pipekit:export:book"]
+    assert [r.info.status for r in exports] == ["FINISHED"]  # the promotion exported once
+    runs = [r for r in runs if r not in exports]
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return parents, nested, client
@@ -241,18 +245,47 @@ def test_exported_book_dag_passes_airflow_dags_test_with_the_local_run_tree(tmp_
         if run.info.run_id != computed[stage].info.run_id:
             assert run.data.tags["pipekit.cache_source_run"] == computed[stage].info.run_id
 
-    # the registry: what a local run registers and promotes
+    # the registry: what a local run registers, promotes and exports for serving
     for store in (client, local_client):
-        versions = store.search_model_versions("name='book.train'")
-        assert [str(v.version) for v in versions] == ["1"]
-        aliases = store.get_registered_model("book.train").aliases
-        assert {k: str(v) for k, v in aliases.items()} == {"champion": "1"}
+        for model in ("book.train", "book.serving"):
+            versions = store.search_model_versions(f"name='{model}'")
+            assert [str(v.version) for v in versions] == ["1"], model
+            aliases = store.get_registered_model(model).aliases
+            assert {k: str(v) for k, v in aliases.items()} == {"champion": "1"}, model
 
 
-@pytest.mark.timeout(120)
+#: Runs in the Airflow venv: the exported DAG's task functions, each printing how it ended.
+TASKS = """
+import pathlib, runpy, sys
+dag = runpy.run_path(sys.argv[1])
+
+def attempt(how, stage, *extra):
+    saved = list(dag['OVERRIDES'])
+    dag['OVERRIDES'].extend(extra)
+    try:
+        dag[how](stage, 'dagrun')
+        print('ENDED', how, stage, 'ok')
+    except Exception as error:
+        print('RAISED', how, stage, type(error).__name__, error)
+    finally:
+        dag['OVERRIDES'][:] = saved
+
+attempt('run_in_subprocess', 'collect_1')
+attempt('run_in_subprocess', 'train', '+stages.train.params.CC=1')
+pathlib.Path(sys.argv[2], 'data/batches/batch-0001.json').write_text('not json')
+attempt('run_in_subprocess', 'collect_1', '++stages.collect_1.retry_on=[ConnectionError]')
+attempt('run_in_process', 'collect_1', '++stages.collect_1.retry_on=[ConnectionError]')
+attempt('run_in_process', 'collect_1', '++stages.collect_1.retry_on=[ValueError]')
+"""
+
+
+@pytest.mark.timeout(180)
 def test_with_python_set_a_task_runs_pipekit_from_another_environment(tmp_path, cli_env):
     """`--python`: pipekit lives in another virtual environment than Airflow; the task
-    runs `<python> -m pipekit.cli run --targets <stage>` there, streaming its output."""
+    runs `<python> -m pipekit.export.task <stage>` there, streaming its output. A config
+    error, or an error the stage's `retry_on` does not list, fails the task with Airflow's
+    AirflowFailException (no retry), in that mode and in the task's own process; an error
+    `retry_on` lists is raised as it is, for Airflow to retry."""
     assert AIRFLOW.is_file(), f"no Airflow at {AIRFLOW}: run `make airflow` (make test does)"
     work = tmp_path / "work"
     work.mkdir()
@@ -272,31 +305,89 @@ def test_with_python_set_a_task_runs_pipekit_from_another_environment(tmp_path, 
         timeout=60,
     )
     assert export.returncode == 0, export.stderr
-    code = (
-        "import runpy, sys\n"
-        "dag = runpy.run_path(sys.argv[1])\n"
-        "dag['run_in_subprocess']('collect_1', 'dagrun')\n"
-        "dag['OVERRIDES'].append('+stages.train.params.CC=1')\n"
-        "try:\n"
-        "    dag['run_in_subprocess']('train', 'dagrun')\n"
-        "except Exception as error:\n"
-        "    print('RAISED', type(error).__name__, error)\n"
-    )
     proc = subprocess.run(
-        [str(VENV / "bin" / "python"), "-c", code, str(tmp_path / "dags" / "book.py")],
+        [str(VENV / "bin" / "python"), "-c", TASKS, str(tmp_path / "dags" / "book.py"), work],
         env=airflow_env(tmp_path),
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=160,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     assert (
-        f"pipekit task: {sys.executable} -m pipekit.cli run --targets collect_1 pipeline=book "
-        "tracking=off ++stages.collect_1.retries=0 ++concurrency=wait" in proc.stdout
+        f"pipekit task: {sys.executable} -m pipekit.export.task --workdir {work} collect_1 -- "
+        "pipeline=book tracking=off ++stages.collect_1.retries=0 ++concurrency=wait" in out
     )
-    assert "[2/2] collect_1 done" in proc.stdout and (work / "data/raw/source_1.csv").is_file()
+    assert "[2/2] collect_1 done" in out and (work / "data/raw/source_1.csv").is_file()
+    assert "ENDED run_in_subprocess collect_1 ok" in out
     assert (
-        "RAISED AirflowFailException stage 'train': invalid config (pipekit exit 2), see above"
-        in proc.stdout
+        "RAISED run_in_subprocess train AirflowFailException stage 'train': invalid config "
+        "(pipekit exit 2), see above" in out
     )
+    # a malformed batch file: collect_1 raises ValueError
+    assert (
+        "RAISED run_in_subprocess collect_1 AirflowFailException stage 'collect_1' failed with "
+        "an error its retry_on does not list (pipekit exit 3), see above" in out
+    )
+    not_retried = (
+        "RAISED run_in_process collect_1 AirflowFailException pipeline 'book': stage "
+        "'collect_1' failed: ValueError: "
+    )
+    assert not_retried in out
+    line = out.split(not_retried, 1)[1].splitlines()[0]
+    assert line.endswith(
+        "; ValueError is not in its retry_on (ConnectionError), so it is not retried"
+    )
+    assert (
+        "RAISED run_in_process collect_1 StageError pipeline 'book': stage 'collect_1' "
+        "failed: ValueError: " in out
+    )
+
+
+def test_retry_on_decides_whether_the_task_may_be_retried(tmp_path, capsys):
+    """The task runner itself, without Airflow: an error outside the failing stage's
+    `retry_on` (its own or `stage_defaults`') is StageNotRetriedError, exit code 3 from
+    `python -m pipekit.export.task`; one it lists, or no `retry_on`, stays a StageError
+    (exit 1), which Airflow retries."""
+    from pipekit.errors import StageError, StageNotRetriedError
+    from pipekit.examples import book
+    from pipekit.export import task
+
+    book.init_data_dir(str(tmp_path / "data"))
+    (tmp_path / "data/batches/batch-0001.json").write_text("not json")
+    base = ["pipeline=book", "tracking=off", f"vars.data_dir={tmp_path}/data"]
+    base.append("++stages.collect_1.retries=0")  # as the DAG file does: Airflow retries
+
+    def run(*extra: str) -> BaseException:
+        with pytest.raises(StageError) as info:
+            task.run_stage("collect_1", [*base, *extra], workdir=str(tmp_path), run_id="r1")
+        return info.value
+
+    for extra, listed in (
+        (
+            "++stages.collect_1.retry_on=[ConnectionError,TimeoutError]",
+            "ConnectionError, TimeoutError",
+        ),
+        ("++stage_defaults.retry_on=[OSError]", "OSError"),
+    ):
+        refused = run(extra)
+        assert isinstance(refused, StageNotRetriedError), extra
+        assert refused.stage == "collect_1" and isinstance(refused.cause, ValueError)
+        message = str(refused)
+        assert message.startswith("pipeline 'book': stage 'collect_1' failed: ValueError: ")
+        assert message.endswith(
+            f"; ValueError is not in its retry_on ({listed}), so it is not retried"
+        )
+    for extra in (["++stages.collect_1.retry_on=[ValueError]"], []):
+        kept = run(*extra)
+        assert type(kept) is StageError and isinstance(kept.cause, ValueError), extra
+
+    argv = ["--workdir", str(tmp_path), "collect_1", "--", *base]
+    capsys.readouterr()
+    assert task.main([*argv, "++stages.collect_1.retry_on=[ConnectionError]"]) == 3
+    assert task.main(argv) == 1
+    assert task.main([*argv, "stages.collect_1.retries=many"]) == 2
+    err = capsys.readouterr().err
+    assert "pipekit: error: pipeline 'book': stage 'collect_1' failed: ValueError" in err
+    assert "Traceback" in err  # the stage's traceback, for the task log

@@ -3,6 +3,9 @@ new data landing as a batch file, re-runs that recompute only what new data chan
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -108,3 +111,84 @@ def test_a_malformed_batch_file_is_named(tmp_path):
     (tmp_path / "data/batches/batch-0001.json").write_text("not json")
     with pytest.raises(StageError, match=r"batch-0001.json: not a batch file"):
         load(tmp_path).run(progress=False)
+
+
+def test_the_serve_section_validates(tmp_path):
+    from pipekit.core.serving import check_serve
+
+    serve = check_serve(load(tmp_path).validate().spec)
+    assert serve.order == ("proba", "respond") and serve.output == "respond"
+    assert serve.models == {"train": None} and serve.model_name == "book.serving"
+    assert (serve.alias, serve.export_on_promote, serve.poll_interval) == ("champion", True, 1.0)
+    promote = load(tmp_path).stages["publish"]
+    assert (promote.promote, promote.promote_metric, promote.promote_mode) == (
+        "champion",
+        "publish.accuracy",
+        "max",
+    )
+    answer = book.respond(np.array([[0.2, 0.8], [0.9, 0.1]]))
+    assert answer.to_dict(orient="list") == {"label": [1, 0], "probability": [0.8, 0.1]}
+    assert list(book.request_example(rows=3).columns) == list(book.FEATURES)
+
+
+def test_a_better_model_is_served_and_a_worse_one_is_not_promoted(tmp_path, monkeypatch):
+    """Real SQLite store, a real server (in a thread, on 127.0.0.1) following
+    book.serving@champion: a clean batch makes a better model, which is promoted, exported
+    and answered with; a noisy batch makes a worse one, registered but not promoted, so
+    @champion and the served version stay where they are."""
+    import requests
+    from mlflow import MlflowClient
+
+    from pipekit.serve.server import VERSION_HEADER, Server
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracked = ("tracking=local", f"tracking.uri={uri}")
+    client = MlflowClient(uri)
+
+    def versions(model: str) -> list[str]:
+        return sorted(str(v.version) for v in client.search_model_versions(f"name='{model}'"))
+
+    def champion(model: str) -> str:
+        return str(client.get_registered_model(model).aliases["champion"])
+
+    first = load(tmp_path, *tracked).run(progress=False)
+    assert first.tracking["serving_version"] == "book.serving/1"
+    rows = book.request_example(rows=3)
+    payload = {"dataframe_split": rows.to_dict(orient="split", index=False)}
+    spec = load(tmp_path, *tracked).spec
+    with Server.for_pipeline(spec, port=0, poll_interval=0.2) as server:
+
+        def ask() -> requests.Response:
+            answer = requests.post(f"{server.url}/invocations", json=payload, timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer
+
+        answer = ask()
+        assert answer.headers[VERSION_HEADER] == "1"
+        expected = book.respond(first["train"].predict_proba(rows))
+        served = pd.DataFrame(answer.json()["predictions"])
+        assert served["label"].tolist() == expected["label"].tolist()
+        assert served["probability"].tolist() == pytest.approx(expected["probability"].tolist())
+
+        book.land_batch(tmp_path / "data", noise=0.0)  # clean labels: a better model
+        better = load(tmp_path, *tracked).run(progress=False)
+        assert better["publish"]["accuracy"] > first["publish"]["accuracy"]
+        assert better.tracking["serving_version"] == "book.serving/2"
+        assert champion("book.train") == "2" and champion("book.serving") == "2"
+        deadline = time.monotonic() + 60
+        while ask().headers[VERSION_HEADER] != "2" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ask().headers[VERSION_HEADER] == "2"
+
+        book.land_batch(tmp_path / "data", noise=1.5)  # noisy labels: a worse model
+        worse = load(tmp_path, *tracked).run(progress=False)
+        assert worse.status["train"] == "done" and worse.status["publish"] == "done"
+        assert worse["publish"]["accuracy"] < better["publish"]["accuracy"]
+        assert versions("book.train") == ["1", "2", "3"]  # trained and registered...
+        assert champion("book.train") == "2"  # ...but not promoted
+        assert versions("book.serving") == ["1", "2"] and champion("book.serving") == "2"
+        assert worse.tracking["serving_version"] == "book.serving/2"
+        time.sleep(0.5)  # a few polls: nothing to follow
+        assert ask().headers[VERSION_HEADER] == "2"
+        assert server.follower.status()["swaps"] == 1

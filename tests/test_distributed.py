@@ -288,3 +288,83 @@ def test_cli_unreachable_address_is_one_line_and_exit_2(cli_env, tmp_path):
     assert len(lines) == 1 and "executor.address no Dask scheduler answers" in lines[0], lines
     valid = run_pipekit("validate", "executor=distributed", env=cli_env, cwd=tmp_path)
     assert valid.returncode == 0, valid.stderr
+
+
+class Events(Observer):
+    """Every stage event, as observers get them."""
+
+    wants_outputs = False
+
+    def __init__(self):
+        self.events = []
+
+    def stage_changed(self, event):
+        self.events.append(event)
+
+    def final(self, stage):
+        return [e for e in self.events if e.stage == stage][-1]
+
+
+def test_attempts_of_retried_stages_are_reported_as_on_threads(cluster, tmp_path, monkeypatch):
+    """A stage that passed after retries shows `attempt 2/3` in progress, on its event and
+    its MLflow stage run, exactly as with the local schedulers."""
+    import io
+    import re
+
+    from mlflow import MlflowClient
+
+    from pipekit.display.progress import TextProgress
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def run(executor: dict, folder):
+        folder.mkdir()
+        uri = f"sqlite:///{folder}/mlflow.db"
+        attempts = "retry_stages.attempts"
+        p = make(
+            {
+                "train": {
+                    "_target_": attempts,
+                    "params": {"log": str(folder / "train"), "fail_times": 1},
+                    "retries": 2,
+                },
+                "use": {"_target_": "core_stages.add", "inputs": {"a": "train"}, "retries": 1},
+                "never": {
+                    "_target_": attempts,
+                    "params": {"log": str(folder / "never"), "fail_times": 9},
+                    "retries": 1,
+                },
+            },
+            executor=executor,
+            tracking={"backend": "local", "uri": uri},
+            cache={"backend": "local", "path": str(folder / "cache")},  # tasks wrapped to store
+        )
+        events, out = Events(), io.StringIO()
+        observers = [events, TextProgress(out, live=False)]
+        result = p.run(progress=False, observers=observers, raise_on_failure=False)
+        runs = MlflowClient(uri).search_runs([result.tracking["mlflow_experiment_id"]])
+        tags = {r.data.tags.get("pipekit.stage"): r.data.tags for r in runs}
+        train, use, never = events.final("train"), events.final("use"), events.final("never")
+        line = next(x for x in out.getvalue().splitlines() if " train " in x)
+        return {
+            "status": dict(result.status),
+            "use": result["use"],  # train's output, read by a dependent on the cluster
+            "train": (train.state, train.attempt, train.attempts, train.meta["attempt_errors"]),
+            "use_attempts": (use.attempt, use.attempts, "attempt_errors" in use.meta),
+            "never": (never.state, never.attempt, never.attempts),
+            "progress": re.findall(r"\(attempt \d+/\d+\)", line),
+            "tags": {
+                stage: (tags[stage].get("pipekit.attempts"), tags[stage].get("pipekit.first_error"))
+                for stage in ("train", "use", "never")
+            },
+        }
+
+    on_cluster = run(on(cluster), tmp_path / "distributed")
+    assert on_cluster["train"] == ("done", 2, 3, ["ConnectionError: attempt 1 failed"])
+    assert on_cluster["use"] == 2 and on_cluster["use_attempts"] == (1, 1, False)
+    assert on_cluster["never"] == ("failed", 2, 2)
+    assert on_cluster["progress"] == ["(attempt 2/3)"]
+    assert on_cluster["tags"]["train"] == ("2/3", "ConnectionError: attempt 1 failed")
+    assert on_cluster["tags"]["use"] == (None, None)
+    assert on_cluster["tags"]["never"][0] == "2/2"
+    assert on_cluster == run({"scheduler": "threads"}, tmp_path / "threads")

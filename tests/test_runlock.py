@@ -215,3 +215,73 @@ def test_a_directory_where_no_lock_can_be_made_runs_and_says_so(tmp_path, capsys
     err = capsys.readouterr().err
     assert "pipekit: pipeline 'p': no run lock (.pipekit/locks/p.lock: " in err
     assert "running without one, so a concurrent run is not held back" in err
+
+
+# --- a merged sweep is one run as far as the lock goes -------------------------------------
+
+
+def start_sweep(whos: str, config: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`pipekit run -m vars.who=b,c`: one merged graph of a gate stage per job."""
+    log = open(cwd / "sweep.log", "w")  # noqa: SIM115 (closed by the child's exit)
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "pipekit.cli", "run", "-m", "-cd", str(config),
+            "pipeline=hold", f"vars.who={whos}", "tracking=off", "executor=sync",
+        ],
+        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_a_merged_sweep_waits_for_a_run_holding_the_lock(user_conf, cli_env, tmp_path):
+    config = conf(user_conf, tmp_path)
+    first = start("a", config, tmp_path, cli_env)
+    sweep = None
+    try:
+        wait_for((tmp_path / "a.started").exists, "run a to start its stage")
+        for who in ("b", "c"):  # the sweep's stages would finish at once if they ran
+            (tmp_path / f"{who}.release").write_text("")
+        sweep = start_sweep("b,c", config, tmp_path, cli_env)
+        log = tmp_path / "sweep.log"
+        wait_for(lambda: "waiting for the previous run" in log.read_text(), "the sweep to wait")
+        assert not (tmp_path / "b.started").exists() and not (tmp_path / "c.started").exists()
+        (tmp_path / "a.release").write_text("")
+        assert finish(first) == 0, (tmp_path / "a.log").read_text()
+        assert finish(sweep) == 0, log.read_text()
+    finally:
+        for process in (first, sweep):
+            if process is not None and process.poll() is None:
+                process.kill()
+    text = (tmp_path / "sweep.log").read_text()
+    assert text.count("waiting for the previous run") == 1  # one lock for the whole sweep
+    a_done = float((tmp_path / "a.done").read_text())
+    for who in ("b", "c"):
+        assert float((tmp_path / f"{who}.started").read_text()) >= a_done
+
+
+def test_a_run_skips_while_a_merged_sweep_holds_the_lock(user_conf, cli_env, tmp_path):
+    config = conf(user_conf, tmp_path)
+    (tmp_path / "a.release").write_text("")  # a would finish at once if it ran
+    sweep = start_sweep("b,c", config, tmp_path, cli_env)
+    try:
+        started = [tmp_path / "b.started", tmp_path / "c.started"]
+        wait_for(lambda: any(p.exists() for p in started), "the sweep to start a job's stage")
+        other = pipekit(
+            "run", "-cd", str(config), "pipeline=hold", "vars.who=a", "tracking=off",
+            "++concurrency=skip", env=cli_env, cwd=tmp_path, timeout=BOUND,
+        )  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        assert f"skipped: the previous run (pid {sweep.pid} on " in other.stderr
+        assert not (tmp_path / "a.started").exists()
+        # and a second sweep with concurrency=skip says so and runs nothing, exit 0
+        again = pipekit(
+            "run", "-m", "-cd", str(config), "pipeline=hold", "vars.who=d,e", "tracking=off",
+            "++concurrency=skip", env=cli_env, cwd=tmp_path, timeout=BOUND,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert "pipekit: pipeline 'hold': skipped: the previous run" in again.stderr
+        assert "error" not in again.stderr and not (tmp_path / "d.started").exists()
+    finally:
+        for who in ("b", "c"):
+            (tmp_path / f"{who}.release").write_text("")
+        assert finish(sweep) == 0, (tmp_path / "sweep.log").read_text()
+    assert (tmp_path / "b.done").exists() and (tmp_path / "c.done").exists()

@@ -254,11 +254,12 @@ def client_for(uri):
 
 
 def model_info(client, name, version):
-    """MLflow's ModelInfo of a registered version (read from its local artifact directory)."""
+    """The MLmodel of a registered version, read from its local artifact directory
+    (`get_model_info` would also look its logged model up in the process-wide store)."""
     from urllib.parse import urlparse
 
     uri = client.get_model_version_download_uri(name, str(version))
-    return mlflow.models.get_model_info(urlparse(uri).path)
+    return mlflow.models.Model.load(urlparse(uri).path)
 
 
 def test_export_registers_one_model_with_signature_and_pins(store):

@@ -165,3 +165,24 @@ def test_jobs_compose_as_pk_load_composes_them(user_conf):
     assert fast.stages["c"].params["value"] == 4 and fast.stages["a"].params["value"] == 2
     with pytest.raises(pk.ConfigError, match=r"sweep job #0: config: .*stages.c.params.nope"):
         compose_jobs([["pipeline=sw", "stages.c.params.nope=1"]], config_dir=conf)
+
+
+def test_pk_sweep_takes_the_pipelines_run_lock(user_conf, tmp_path):
+    """While another run holds the lock, a sweep with concurrency=skip runs nothing."""
+    import fcntl
+
+    from pipekit.errors import RunSkipped
+    from pipekit.runlock import lock_path
+
+    log = tmp_path / "log"
+    conf = write_pipeline(user_conf, log)
+    common = ["tracking=off", "cache=local", "executor=sync", "++concurrency=skip"]
+    path = lock_path(pk.load("sw", overrides=common, config_dir=conf).spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as other:  # another holder, as another process would be
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RunSkipped, match=r"pipeline 'sw': skipped: the previous run"):
+            pk.sweep("sw", {"stages.c.params.value": [1, 2]}, config_dir=conf, overrides=common)
+    assert not log.exists()  # nothing ran
+    table = pk.sweep("sw", {"stages.c.params.value": [1, 2]}, config_dir=conf, overrides=common)
+    assert table.ok and counts(log) == {"a": 1, "b": 1, "c": 2}

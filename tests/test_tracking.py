@@ -137,6 +137,7 @@ def test_example_logs_run_tree_models_and_lineage(store):
     assert tags["pipekit.pipeline"] == "cancer"
     assert tags["pipekit.config_hash"] == config_hash(pipeline.config)
     assert "stages.train.params.C=0.5" in tags["pipekit.overrides"]
+    assert tags["mlflow.runName"] == "cancer C=0.5"  # executor, tracking, cache: not named
     assert "mlflow.source.git.commit" not in tags  # tmp_path is not a repository
     assert parent.data.params["train.C"] == "0.5"
     assert parent.data.params["split.test_size"] == "0.25"
@@ -551,6 +552,257 @@ def test_lineage_command(store, tmp_path, capsys):
     assert "pipekit: error: registered model 'cancer.nope' not found" in capsys.readouterr().err
 
 
+# --- MLflow 3: logged models, run names, stage order --------------------------------------
+
+
+def table(rows: int = 40) -> dict:
+    """Two features, the target, and a column whose name says it holds a secret."""
+    import pandas as pd
+
+    values = [float(i) for i in range(rows)]
+    frame = pd.DataFrame(
+        {
+            "x1": values,
+            "x2": [v * v for v in values],
+            "label": [i % 2 for i in range(rows)],
+            "api_token": ["tok-not-for-mlflow"] * rows,
+        }
+    )
+    return {"train": frame}
+
+
+def fit_scaler(frame):
+    from sklearn.preprocessing import StandardScaler
+
+    return StandardScaler().fit(frame[["x1", "x2"]])
+
+
+def fit_classifier(scaler, frame):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression().fit(scaler.transform(frame[["x1", "x2"]]), frame["label"])
+
+
+def score(model, scaler, frame) -> dict:
+    predicted = model.predict(scaler.transform(frame[["x1", "x2"]]))
+    return {"accuracy": float((predicted == frame["label"]).mean())}
+
+
+def models_pipeline(uri: str, **tracking) -> pk.Pipeline:
+    """data -> scale (model) -> fit (model) -> score, without a serve section."""
+    return pk.Pipeline.from_config(
+        {
+            "name": "mdl",
+            "stages": {
+                "data": {"_target_": "test_tracking.table"},
+                "scale": {
+                    "_target_": "test_tracking.fit_scaler",
+                    "inputs": {"frame": "data.train"},
+                    "model": True,
+                },
+                "fit": {
+                    "_target_": "test_tracking.fit_classifier",
+                    "inputs": {"scaler": "scale", "frame": "data.train"},
+                    "model": True,
+                },
+                "score": {
+                    "_target_": "test_tracking.score",
+                    "inputs": {"model": "fit", "scaler": "scale", "frame": "data.train"},
+                },
+            },
+            "executor": {"scheduler": "threads"},
+            "cache": {"backend": "off"},
+            "tracking": {"backend": "local", "uri": uri, **tracking},
+        }
+    )
+
+
+def test_models_are_mlflow3_logged_models_linked_to_runs_metrics_and_versions(store):
+    import json
+
+    result = models_pipeline(store).run(progress=False)
+    parent, children = runs_of(store, "mdl", result.run_id)
+    client = MlflowClient(store)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
+    assert set(models) == {"scale", "fit"}  # the experiment's Models tab
+    for stage, model in models.items():
+        assert str(model.status) == "READY"
+        assert model.source_run_id == children[stage].info.run_id
+        assert model.tags["pipekit.stage"] == stage
+        outputs = client.get_run(children[stage].info.run_id).outputs.model_outputs
+        assert [o.model_id for o in outputs] == [model.model_id]
+        version = client.get_model_version(f"mdl.{stage}", "1")
+        assert version.source == f"models:/{model.model_id}"  # the UI's "Source model" link
+        assert version.run_id == children[stage].info.run_id
+        assert version.tags["pipekit.model_id"] == model.model_id
+        assert client.get_model_version_download_uri(f"mdl.{stage}", "1") == (
+            model.artifact_location
+        )
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [
+            {"name": f"mdl.{stage}", "version": 1}
+        ]
+
+    # the evaluating stage's metrics belong to the model it applies (not the scaler
+    # that model was fitted on), and its run lists both models as inputs
+    score_run = children["score"].info.run_id
+    linked = {(m.key, m.run_id) for m in models["fit"].metrics}
+    assert linked == {("accuracy", score_run)}
+    assert not models["scale"].metrics
+    assert children["score"].data.metrics["accuracy"] == result["score"]["accuracy"]
+    inputs = client.get_run(score_run).inputs.model_inputs
+    assert {i.model_id for i in inputs} == {models["fit"].model_id, models["scale"].model_id}
+
+    # a signature and a few rows of what `scale` received: the columns it was fitted on
+    folder = Path(mlflow.artifacts.download_artifacts(models["scale"].artifact_location))
+    info = mlflow.models.get_model_info(str(folder))
+    assert info.model_id == models["scale"].model_id
+    assert info.run_id == children["scale"].info.run_id
+    assert info.signature.inputs.input_names() == ["x1", "x2"]
+    example = (folder / "input_example.json").read_text()
+    assert "x1" in example and "label" not in example and "tok-not-for-mlflow" not in example
+    assert len(json.loads(example)["data"]) == 5
+    assert list(mlflow.sklearn.load_model(str(folder)).mean_) == pytest.approx([19.5, 513.5])
+
+
+def test_input_rows_are_copied_small_and_masked():
+    import numpy as np
+    import pandas as pd
+
+    from pipekit.tracking.flavors import sample
+
+    frame = pd.DataFrame({"x": range(100), "db_password": ["hunter2"] * 100})
+    rows = sample(frame)
+    assert list(rows["x"]) == [0, 1, 2, 3, 4] and set(rows["db_password"]) == {"***"}
+    assert set(frame["db_password"]) == {"hunter2"}  # the stage's own value is untouched
+    array = np.arange(1000.0).reshape(500, 2)
+    part = sample(array)
+    assert part.shape == (5, 2) and part.base is None  # a copy, not a view of the whole
+    assert sample([{"a": 1, "token": "t0ps3cret"}] * 9) == [{"a": 1, "token": "***"}] * 5
+    assert sample(3) is None and sample([]) is None and sample(fit_scaler) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        (["executor=threads", "tracking=local", "stages.train.params.C=0.5"], "cancer C=0.5"),
+        (
+            ["pipeline=cancer", "model=forest", "+stages.train.params.tol=1e-3"],
+            "cancer model=forest tol=1e-3",
+        ),
+        (
+            ["stages.a.params.C=1", "stages.b.params.C=2", "~stages.publish"],
+            "cancer a.C=1 b.C=2 ~publish",
+        ),
+        (["cache=off", "hydra/launcher=basic", "tracking.uri=http://x"], "cancer-0123abcd"),
+        (["+vars.db_password=hunter2", "seed=7"], "cancer seed=7"),
+        (
+            [f"stages.train.params.layers=[{','.join(map(str, range(40)))}]"],
+            "cancer layers=[0,1,2,3,4,5,6,7,8,9,...",
+        ),
+    ],
+)
+def test_parent_run_names_read_like_the_overrides(overrides, name):
+    from pipekit.tracking.tags import NAME_CHARS, run_name
+
+    got = run_name("cancer", overrides, "0123abcd9999")
+    assert got == name
+    assert len(got) <= NAME_CHARS and "hunter2" not in got
+
+
+def test_long_run_names_count_what_they_leave_out():
+    from pipekit.tracking.tags import NAME_CHARS, run_name
+
+    many = [f"stages.train.params.p{i}=value{i}" for i in range(30)]
+    got = run_name("pipeline", many, "0123abcd")
+    assert len(got) <= NAME_CHARS
+    assert got.startswith("pipeline p0=value0 p1=value1 ") and got.endswith(" more")
+    shown = got.split()[1:-2]
+    assert int(got.split()[-2].lstrip("+")) == 30 - len(shown)
+
+
+def test_sweep_jobs_are_named_by_their_overrides(user_conf, tmp_path):
+    body = {
+        "name": "sw",
+        "stages": {
+            "a": {
+                "_target_": "scale_stages.counted",
+                "params": {"log": str(tmp_path / "l"), "name": "a"},
+            },
+            "b": {
+                "_target_": "scale_stages.counted",
+                "inputs": {"x": "a"},
+                "params": {"log": str(tmp_path / "l"), "name": "b", "value": 0},
+            },
+        },
+    }
+    conf = user_conf({"pipeline/sw.yaml": "# @package _global_\n" + yaml.safe_dump(body)})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    table = pk.sweep(
+        "sw",
+        {"stages.b.params.value": [1, 2]},
+        config_dir=conf,
+        overrides=["tracking=local", f"tracking.uri={uri}", "cache=off", "executor=sync"],
+        progress=False,
+    )
+    client = MlflowClient(uri)
+    names = {client.get_run(job.tracking["mlflow_run_id"]).info.run_name for job in table.jobs}
+    assert names == {"sw value=1", "sw value=2"}
+
+
+def test_stage_runs_start_in_dag_order_even_when_all_are_cached(store):
+    """MLflow's UI lists nested runs by start time: each stage run starts after the runs
+    of its upstream stages, also when all are announced at once from the cache."""
+    stages = {
+        "a": {"_target_": "core_stages.const", "params": {"value": 1}},
+        "b": {"_target_": "core_stages.const", "params": {"value": 2}},
+        "ab": {"_target_": "core_stages.add", "inputs": {"a": "a", "b": "b"}},
+        "c": {"_target_": "core_stages.add", "inputs": {"a": "ab"}},
+        "d": {"_target_": "core_stages.add", "inputs": {"a": "c", "b": "a"}},
+    }
+    pipeline = pk.Pipeline.from_config(
+        {
+            "name": "order",
+            "stages": stages,
+            "executor": {"scheduler": "threads"},
+            "cache": {"backend": "local"},
+            "tracking": {"backend": "local", "uri": store},
+        }
+    )
+    for _ in range(2):  # computed, then every stage a cache hit
+        result = pipeline.run(progress=False)
+        parent, children = runs_of(store, "order", result.run_id)
+        starts = {stage: run.info.start_time for stage, run in children.items()}
+        assert len(set(starts.values())) == len(starts)  # no ties for the UI to shuffle
+        for stage, spec in pipeline.spec.stages.items():
+            for upstream in spec.upstream:
+                assert starts[upstream] < starts[stage], (upstream, stage, starts)
+        for run in children.values():
+            assert parent.info.start_time <= run.info.start_time <= run.info.end_time
+    assert set(result.status.values()) == {"cached"}
+
+
+def test_retention_deletes_the_logged_model_with_its_last_version(store):
+    import json
+
+    pipeline = models_pipeline(store, keep_versions=1)
+    for _ in range(2):
+        pipeline.run(progress=False)
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("mdl").experiment_id
+    left = {m.name: m for m in client.search_logged_models([experiment])}
+    assert set(left) == {"scale", "fit"}  # version 1's models are gone with it
+    for stage, model in left.items():
+        versions = client.search_model_versions(f"name = 'mdl.{stage}'")
+        assert [v.version for v in versions] == [2]
+        assert versions[0].source == f"models:/{model.model_id}"
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [
+            {"name": f"mdl.{stage}", "version": 2}
+        ]
+
+
 # --- helpers ----------------------------------------------------------------------------
 
 
@@ -590,11 +842,13 @@ def test_cli_run_says_where_the_run_was_tracked(store, tmp_path, cli_env):
     assert proc.returncode == 0, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     run_id = line.removeprefix("pipekit: tracked in MLflow run ").split()[0]
+    parent = MlflowClient(store).get_run(run_id)  # the parent run itself
+    experiment = parent.info.experiment_id
     assert line == (
         f"pipekit: tracked in MLflow run {run_id} ({store}); "
-        f"browse: mlflow ui --backend-store-uri {store}"
+        f"browse: mlflow ui --backend-store-uri {store}, then http://127.0.0.1:5000/#/"
+        f"experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
     )
-    parent = MlflowClient(store).get_run(run_id)  # the parent run itself
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
     assert parent.data.tags["pipekit.pipeline"] == "cancer"
 

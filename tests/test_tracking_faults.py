@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import http.server
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -548,3 +549,264 @@ def test_lineage_of_a_local_store_reads_sqlite_directly_with_mlflows_answers(tmp
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["cancer.train/2", "2", "False"]
+
+
+# --- 6. the writer process of `pipekit run`: killed on either side, nothing stays RUNNING --
+
+
+def gate(directory: str, x: int = 0) -> dict:
+    """Writes `gate.pid`, then waits (at most 2 minutes) for the file `go`: the test acts
+    on the processes while this stage's MLflow run is RUNNING."""
+    Path(directory, "gate.pid").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while not Path(directory, "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"passed": 1.0}
+
+
+def probe() -> dict:
+    """Whether the process running the stages (the driver) has imported MLflow."""
+    return {"mlflow_in_driver": float("mlflow" in sys.modules)}
+
+
+def gated(user_conf, directory: Path) -> Path:
+    return user_conf(
+        {
+            "pipeline/gated.yaml": "# @package _global_\nname: gated\nstages:\n"
+            "  first: {_target_: test_tracking_faults.make_value, params: {value: 3}}\n"
+            "  gate: {_target_: test_tracking_faults.gate, inputs: {x: first}, "
+            f"params: {{directory: '{directory}'}}}}\n"
+            "  after: {_target_: test_tracking_faults.score, inputs: {value: first}, "
+            "after: [gate]}\n"
+        }
+    )
+
+
+def start_gated(conf: Path, uri: str, env: dict, cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipekit.cli", "run", "-cd", str(conf), "pipeline=gated"]
+    return subprocess.Popen(
+        [*command, "executor=sync", "cache=off", "tracking=local", f"tracking.uri={uri}"],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job has
+    )
+
+
+def run_statuses(db: Path) -> dict[str, tuple[str, str | None]]:
+    """MLflow run name -> (status, `pipekit.error` tag), read from the store's tables."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+        rows = con.execute(
+            "SELECT r.name, r.status, t.value FROM runs r LEFT JOIN tags t "
+            "ON t.run_uuid = r.run_uuid AND t.key = 'pipekit.error'"
+        ).fetchall()
+    return {name: (status, error) for name, status, error in rows}
+
+
+def parent_ids(db: Path) -> list[str]:
+    """The MLflow run ids of the parent runs (those without `mlflow.parentRunId`)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+        rows = con.execute(
+            "SELECT run_uuid FROM runs WHERE run_uuid NOT IN "
+            "(SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId') ORDER BY start_time"
+        ).fetchall()
+    return [run_id for (run_id,) in rows]
+
+
+def until(condition, what: str, seconds: float = 120) -> None:
+    """Poll `condition` (bounded in time), failing with `what` when it never holds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"never: {what}")
+
+
+def gate_running(db: Path, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        pytest.fail(f"pipekit ended early ({proc.returncode}): {proc.communicate()[1]}")
+    try:
+        return run_statuses(db).get("gate", ("",))[0] == "RUNNING"
+    except sqlite3.Error:  # being created
+        return False
+
+
+def writer_process(proc: subprocess.Popen):
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    found = [c for c in children if "pipekit.tracking.writer" in " ".join(c.cmdline())]
+    assert len(found) == 1, [c.cmdline() for c in children]
+    return found[0]
+
+
+def gone(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_driver_killed_mid_run_leaves_no_mlflow_run_running(user_conf, tmp_path, cli_env):
+    db = tmp_path / "mlflow.db"
+    conf = gated(user_conf, tmp_path)
+    proc = start_gated(conf, f"sqlite:///{db}", cli_env, tmp_path)
+    try:
+        until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
+        writer = writer_process(proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole process group
+        proc.wait(timeout=30)
+        until(lambda: gone(writer), "the writer process exits after ending the runs", 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    statuses = run_statuses(db)
+    assert "RUNNING" not in {status for status, _error in statuses.values()}, statuses
+    killed = ("KILLED", "interrupted (the pipekit process was killed)")
+    assert statuses.pop("gate") == killed
+    assert statuses.pop("first") == ("FINISHED", None)
+    assert "after" not in statuses  # never started
+    assert list(statuses.values()) == [killed]  # the parent run
+    (tmp_path / "go").touch()  # the next run is unaffected
+    again = start_gated(conf, f"sqlite:///{db}", cli_env, tmp_path)
+    _out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+    assert "tracking failed" not in err
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+        counts = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY status"))
+    assert counts == {"KILLED": 2, "FINISHED": 1 + 4}  # the second run: parent and 3 stages
+
+
+def test_a_writer_process_killed_mid_run_ends_the_runs_and_says_so(user_conf, tmp_path, cli_env):
+    db = tmp_path / "mlflow.db"
+    proc = start_gated(gated(user_conf, tmp_path), f"sqlite:///{db}", cli_env, tmp_path)
+    try:
+        until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
+        writer = writer_process(proc)
+        writer.kill()
+        until(lambda: gone(writer), "the writer process ends", 30)
+        (tmp_path / "go").touch()  # the stages go on
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, err  # tracking.on_error=warn: the stages passed
+    assert out.splitlines() == ["gate: passed=1", "after: score=6"]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    said = "the tracking writer process ended before the run's MLflow calls (killed by SIGKILL)"
+    assert last.startswith(f"pipekit: tracking failed: {said}"), err
+    (parent,) = parent_ids(db)
+    assert last.endswith(f"; the run's results are incomplete in MLflow run {parent}"), last
+    statuses = run_statuses(db)
+    assert "RUNNING" not in {status for status, _error in statuses.values()}, statuses
+    status, error = statuses.pop("gate")
+    assert status == "FAILED" and error.startswith(f"TrackingWriterError: {said}")
+    assert statuses.pop("first") == ("FINISHED", None)
+    ((name, (status, _error)),) = statuses.items()  # `after` ran once the writer was gone:
+    assert name.startswith("gated-") and status == "FAILED"  # it has no run; the parent
+
+
+def test_the_driver_of_a_tracked_cli_run_never_imports_mlflow(user_conf, tmp_path, cli_env):
+    conf = user_conf(
+        {
+            "pipeline/probe.yaml": "# @package _global_\nname: probe\nstages:\n"
+            "  probe: {_target_: test_tracking_faults.probe}\n"
+        }
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["run", "-cd", str(conf), "pipeline=probe", "executor=sync", "cache=off"]
+    proc = run_pipekit(*args, f"tracking.uri={uri}", env=cli_env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["probe: mlflow_in_driver=0"]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"pipekit: tracked in MLflow run {parent_ids(tmp_path / 'mlflow.db')[0]}"
+    )
+    assert {status for status, _e in run_statuses(tmp_path / "mlflow.db").values()} == {"FINISHED"}
+
+
+def test_the_writer_process_hands_back_runs_versions_and_failures(tmp_path, monkeypatch):
+    """The process `pipekit run` uses, driven from Python: `start_early`, then a run."""
+    from mlflow import MlflowClient
+
+    from pipekit.tracking import writer
+    from pipekit.tracking.observer import MlflowObserver
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = ["executor=sync", "cache=off", "tracking=off"]
+    pipeline = pk.load("cancer", overrides=overrides)
+    observer = MlflowObserver(uri, experiment="cancer")
+    writer.start_early()
+    child = writer._early
+    result = pipeline.run(progress=False, observers=[observer])
+    assert child is not None and child.poll() == 0  # adopted, ran the calls, exited
+    assert writer._early is None
+    assert set(observer.stage_runs) == set(result.status)
+    assert observer.versions == {
+        "features": ("cancer.features", "1"),
+        "train": ("cancer.train", "1"),
+    }
+    assert observer.failures == []
+    client = MlflowClient(uri)
+    parent = client.get_run(observer.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["pipekit.pipeline"] == "cancer"
+    assert parent.data.metrics["evaluate.roc_auc"] == result["evaluate"]["roc_auc"]
+    train = client.get_run(observer.stage_runs["train"])
+    assert train.data.tags["pipekit.model_version"] == "cancer.train/1"
+    assert train.data.tags["pipekit.upstream.features"] == "cancer.features/1"
+
+
+def test_an_unpicklable_model_through_the_writer_process_fails_as_in_a_thread(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipekit.tracking import writer
+    from pipekit.tracking.observer import MlflowObserver
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    pipeline = pk.Pipeline.from_config(
+        {
+            "name": "lock",
+            "stages": {"m": {"_target_": "test_tracking_faults.unpicklable", "model": True}},
+        }
+    )
+    observer = MlflowObserver(uri, experiment="lock")
+    writer.start_early()
+    pipeline.run(progress=False, observers=[observer])
+    run = MlflowClient(uri).get_run(observer.stage_runs["m"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["pipekit.model_error"].startswith(
+        "TypeError: the dict output cannot be pickled (cannot pickle '_thread.lock' object)"
+    )
+    assert [f for f in observer.failures if "m: model not logged" in f] == observer.failures[:1]
+    assert "m" not in observer.versions
+
+
+@pytest.mark.parametrize(
+    "overrides, primary, tracked",
+    [
+        ([], "defaults:\n  - tracking: local\n", True),
+        (["tracking=off"], "defaults:\n  - tracking: local\n", False),
+        (["tracking.enabled=false"], "", False),
+        (["tracking.backend=off"], "", False),
+        ([], "defaults:\n  - tracking: off   # no MLflow here\n", False),
+        (["tracking=local"], "defaults:\n  - tracking: off\n", True),
+        (["stages.train.params.C=0.5"], "", True),
+    ],
+)
+def test_the_writer_process_starts_before_composing_unless_tracking_looks_off(
+    overrides, primary, tracked, tmp_path
+):
+    from pipekit.tracking.writer import likely_tracked
+
+    path = tmp_path / "config.yaml"
+    path.write_text(primary)
+    assert likely_tracked(overrides, path) is tracked

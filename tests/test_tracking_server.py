@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_pipekit
 
 import pipekit as pk
 
@@ -110,7 +111,7 @@ def tags(entity: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in entity.get("data", entity).get("tags", [])}
 
 
-def test_example_tracked_by_a_real_server(mlflow_server, tmp_path, monkeypatch):
+def test_example_tracked_by_a_real_server(mlflow_server, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     url = mlflow_server
     pipeline = pk.load(
@@ -124,6 +125,9 @@ def test_example_tracked_by_a_real_server(mlflow_server, tmp_path, monkeypatch):
         ],
     )
     result = pipeline.run(progress=False)
+    printed = capfd.readouterr()  # the writer thread of a notebook run: quiet too
+    for chatter in MLFLOW_CHATTER:
+        assert chatter not in printed.out and chatter not in printed.err, chatter
 
     experiment = api(url, "experiments/get-by-name", experiment_name="cancer")["experiment"]
     runs = search_runs(
@@ -167,3 +171,69 @@ def test_example_tracked_by_a_real_server(mlflow_server, tmp_path, monkeypatch):
     chain = pk.lineage("cancer.train@champion", uri=url)
     assert [node.key for node in chain] == ["cancer.features/1", "cancer.train/1"]
     assert "RUNNING" not in {r["info"]["status"] for r in runs}
+
+
+#: What MLflow itself prints or logs while pipekit logs and registers (none may show).
+MLFLOW_CHATTER = (
+    "View run",
+    "View experiment",
+    "\U0001f3c3",  # 🏃
+    "\U0001f9ea",  # 🧪
+    "Waiting up to",
+    "Created version",
+    "Registered model",
+    "Successfully registered",
+    "INFO mlflow",
+    "WARNING mlflow",
+)
+
+
+def test_cli_run_is_quiet_and_links_to_the_training_view(mlflow_server, tmp_path, cli_env):
+    from mlflow import MlflowClient
+
+    url = mlflow_server
+    proc = run_pipekit(
+        "run",
+        "pipeline=cancer",
+        "executor=threads",
+        "cache=off",
+        "tracking=server",
+        f"tracking.uri={url}",
+        "stages.train.params.C=0.5",
+        env=cli_env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for chatter in MLFLOW_CHATTER:
+        assert chatter not in proc.stdout and chatter not in proc.stderr, chatter
+    assert proc.stdout.splitlines()[-1].startswith("publish: ")  # metrics only on stdout
+
+    experiment = api(url, "experiments/get-by-name", experiment_name="cancer")["experiment"]
+    exp_id = experiment["experiment_id"]
+    assert tags(experiment)["mlflow.experimentKind"] == "custom_model_development"
+    parents = [
+        r
+        for r in search_runs(url, exp_id, "tags.`pipekit.pipeline` = 'cancer'")
+        if "mlflow.parentRunId" not in tags(r)
+    ]
+    assert len(parents) == 1
+    run_id = parents[0]["info"]["run_id"]
+    assert parents[0]["info"]["run_name"] == "cancer C=0.5"
+    view = "workflowType=machine_learning"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"pipekit: tracked in MLflow run {run_id}: {url}/#/experiments/{exp_id}/runs/{run_id}"
+        f"?{view} (experiment: {url}/#/experiments/{exp_id}/runs?{view})"
+    )
+
+    client = MlflowClient(url)  # the models: logged models, their versions point at them
+    models = {m.name: m for m in client.search_logged_models([exp_id])}
+    assert set(models) == {"features", "train"}
+    for stage, model in models.items():
+        assert str(model.status) == "READY"
+        version = client.get_model_version(f"cancer.{stage}", "1")
+        assert version.source == f"models:/{model.model_id}"
+        assert model.tags["mlflow.modelVersions"] == (
+            f'[{{"name": "cancer.{stage}", "version": 1}}]'
+        )
+    assert {m.key for m in models["train"].metrics} == {"accuracy", "f1", "roc_auc"}

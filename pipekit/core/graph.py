@@ -62,21 +62,33 @@ class Graph:
         """Topological order, stable with respect to declaration order (Kahn)."""
         if self._order is None:
             deps = self._deps
-            waiting = {name: len(d) for name, d in deps.items()}
-            children: dict[str, list[str]] = {name: [] for name in deps}
+            waiting: dict[str, int] = {}
+            children: dict[str, list[str]] = {}  # only names something waits for
+            ready: list[str] = []
             for name, d in deps.items():
+                if not d:
+                    ready.append(name)
+                    continue
+                waiting[name] = len(d)
                 for dep in d:
-                    children[dep].append(name)
-            ready = [name for name, n in waiting.items() if n == 0]
+                    kids = children.get(dep)
+                    if kids is None:
+                        children[dep] = [name]
+                    else:
+                        kids.append(name)
             ready.reverse()
             order: list[str] = []
             while ready:
                 name = ready.pop()
                 order.append(name)
+                kids = children.get(name)
+                if kids is None:
+                    continue
                 released = []
-                for child in children[name]:
-                    waiting[child] -= 1
-                    if waiting[child] == 0:
+                for child in kids:
+                    left = waiting[child] - 1
+                    waiting[child] = left
+                    if not left:
                         released.append(child)
                 ready.extend(reversed(released))
             if len(order) != len(deps):
@@ -116,15 +128,19 @@ def check_edges(spec: PipelineSpec) -> Graph:
     """Check every edge names a known stage and that the graph is acyclic; return it."""
     names = spec.stages
     for stage in names.values():
+        own = stage.name
         for arg, ref in stage.inputs.items():
             for source in ref.sources:  # a fan-in reads every member of a matrix
-                _check_ref(spec.name, stage.name, f"input '{arg}'", source, names)
+                if source == own or source not in names:
+                    _check_ref(spec.name, own, f"input '{arg}'", source, names)
         for dep in stage.after:
-            _check_ref(spec.name, stage.name, "'after'", dep, names)
+            _check_ref(spec.name, own, "'after'", dep, names)
     graph = Graph.of(spec)
-    cycle = graph.find_cycle()
-    if cycle:
-        raise CycleError(f"{where(spec.name)}: cycle {' -> '.join(cycle)}", cycle)
+    try:
+        graph.order()  # fails on a cycle; a valid graph keeps its order for later
+    except CycleError as exc:
+        cycle = exc.cycle
+        raise CycleError(f"{where(spec.name)}: cycle {' -> '.join(cycle)}", cycle) from None
     return graph
 
 

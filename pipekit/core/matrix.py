@@ -13,8 +13,12 @@ Hydra composes one small stage; pipekit expands it here, so 100,000 members cost
 
 Members are named `train[region=eu,model=logreg]` (axes in declared order) and get the
 matrix values as params; `foreach: [a, b]` is a one-axis matrix whose value is the param
-`item` (members `train[a]`, `train[b]`). Overrides of `stages.train.*` apply to every
-member. How other stages refer to a matrix stage (`Ref` text):
+`item` (members `train[a]`, `train[b]`). `foreach: {keys_of: split}` is the same over the
+keys split's output is *declared* to have (the return annotation of its `_target_`, a
+TypedDict or dataclass: known when the config is parsed, without running anything);
+member `train[eu]` gets `item="eu"` and the input `split` <- `split.eu` (`input:` renames
+that argument). Overrides of `stages.train.*` apply to every member. How other stages
+refer to a matrix stage (`Ref` text):
 
 | input text                    | the argument receives                                  |
 |-------------------------------|--------------------------------------------------------|
@@ -41,10 +45,13 @@ from ..errors import (
     ConfigTypeError,
     DuplicateArgumentError,
     MatrixError,
+    TargetImportError,
+    UnknownKeyError,
     UnknownStageError,
     did_you_mean,
     where,
 )
+from .declared import import_target, optional_keys, returned_type, type_keys
 from .refs import Ref
 
 #: a `spec.Stage` (not imported by name: `spec` imports this module)
@@ -54,6 +61,12 @@ Stage = Any
 MATRIX_KEYS = ("matrix", "foreach", "members")
 #: The param a `foreach` member receives its value as.
 FOREACH_PARAM = "item"
+#: Keys of the mapping form of `foreach` (`foreach: {keys_of: split}`), with their meaning.
+FOREACH_KEYS = {
+    "keys_of": "a stage whose output keys are declared (its _target_ returns a TypedDict or "
+    "dataclass): one member per key",
+    "input": "the argument each member receives `<stage>.<key>` as (default: the stage's name)",
+}
 #: Characters a matrix value may not contain when shown in a member name.
 _RESERVED = re.compile(r"[\[\],=]")
 _SCALARS = (str, int, float, bool)
@@ -109,7 +122,7 @@ def expand(
                 )
             stages[name] = stage
             continue
-        stage_axes, is_foreach = _axes(pipeline, stage, raw)
+        stage_axes, is_foreach, source = _axes(pipeline, stage, raw, parsed, raw_stages)
         axes[name] = stage_axes
         if is_foreach:
             foreach.add(name)
@@ -117,14 +130,29 @@ def expand(
         names = []
         keys = list(stage_axes)
         make = _member_factory(stage)  # `dataclasses.replace` costs 3x more per member
-        for values in itertools.product(*stage_axes.values()):
-            coords = dict(zip(keys, values, strict=True))
-            member = member_name(name, coords, is_foreach)
-            params = {**stage.params, **coords}
+        # each value's part of the member names, made once (`member_name` for all members)
+        labels = [
+            [shown(v) if is_foreach else f"{axis}={shown(v)}" for v in values]
+            for axis, values in stage_axes.items()
+        ]
+        columns = [
+            list(zip(values, texts, strict=True))
+            for values, texts in zip(stage_axes.values(), labels, strict=True)
+        ]
+        base_params = dict(stage.params)
+        for combo in itertools.product(*columns):
+            coords = dict(zip(keys, [value for value, _ in combo], strict=True))
+            member = f"{name}[{','.join([text for _, text in combo])}]"
+            params = {**base_params, **coords}
             for where_, more in extra:
                 if all(coords[a] == v for a, v in where_.items()):
                     params.update(more)
-            stages[member] = make(member, MappingProxyType(params), MappingProxyType(coords))
+            made = make(member, MappingProxyType(params), MappingProxyType(coords))
+            if source is not None:  # keys_of: this member's key of the upstream output
+                upstream, arg = source
+                edge = {**stage.inputs, arg: Ref(upstream, coords[FOREACH_PARAM])}
+                made = replace(made, inputs=MappingProxyType(edge))
+            stages[member] = made
             coords_of[member] = coords
             names.append(member)
         members_of[name] = tuple(names)
@@ -158,9 +186,18 @@ def _member_factory(stage: Stage) -> Any:
     return make
 
 
-def _axes(pipeline: str, stage: Stage, raw: Mapping[str, Any]) -> tuple[dict[str, list], bool]:
-    """The checked axes of a matrix (or the one `item` axis of a `foreach`)."""
+def _axes(
+    pipeline: str,
+    stage: Stage,
+    raw: Mapping[str, Any],
+    parsed: Mapping[str, Stage],
+    raw_stages: Mapping[str, Any],
+) -> tuple[dict[str, list], bool, tuple[str, str] | None]:
+    """The checked axes of a matrix (or the one `item` axis of a `foreach`), whether it is
+    a foreach, and for `foreach: {keys_of: ...}` the upstream stage and the argument each
+    member receives its key's value of that stage's output as (else None)."""
     name = stage.name
+    source = None
     if "matrix" in raw and "foreach" in raw:
         raise MatrixError(
             f"{where(pipeline, name)}: give either 'matrix' or 'foreach', not both "
@@ -168,10 +205,13 @@ def _axes(pipeline: str, stage: Stage, raw: Mapping[str, Any]) -> tuple[dict[str
         )
     if "foreach" in raw:
         values = raw["foreach"]
-        if not isinstance(values, Sequence) or isinstance(values, str):
+        if isinstance(values, Mapping):
+            values, source = _keys_of(pipeline, stage, values, parsed, raw_stages)
+        elif not isinstance(values, Sequence) or isinstance(values, str):
             raise ConfigTypeError(
                 f"{where(pipeline, name, 'foreach')} must be a list of values, e.g. "
-                f"foreach: [eu, us], got {type(values).__name__} {values!r}"
+                f"foreach: [eu, us], or {{keys_of: <stage>}} (one member per key of that "
+                f"stage's declared output), got {type(values).__name__} {values!r}"
             )
         axes = {FOREACH_PARAM: _values(pipeline, name, "foreach", values)}
         is_foreach = True
@@ -208,7 +248,111 @@ def _axes(pipeline: str, stage: Stage, raw: Mapping[str, Any]) -> tuple[dict[str
                 f"{where(pipeline, name)}: '{axis}' is both a matrix axis and an input; "
                 f"rename the axis or the input"
             )
-    return axes, is_foreach
+    return axes, is_foreach, source
+
+
+def _keys_of(
+    pipeline: str,
+    stage: Stage,
+    raw: Mapping[str, Any],
+    parsed: Mapping[str, Stage],
+    raw_stages: Mapping[str, Any],
+) -> tuple[list[str], tuple[str, str]]:
+    """`foreach: {keys_of: split, input: part}`: the keys split's output is declared to
+    have, and (split, the argument that receives `split.<key>`).
+
+    "Declared" means the return annotation of split's `_target_`: a TypedDict (its keys)
+    or a dataclass (its fields). Reading it imports split's module, as validation does;
+    nothing runs. Keys a TypedDict may leave out are refused: a member would have no input.
+    """
+    name = stage.name
+    key = f"stages.{name}.foreach"
+    at = where(pipeline, key=key)
+    forms = "foreach: {keys_of: <stage>} or a list, foreach: [eu, us]"
+    for item in raw:
+        if item not in FOREACH_KEYS:
+            raise UnknownKeyError(
+                f"{at}: unknown key '{item}'{did_you_mean(str(item), FOREACH_KEYS)}; the "
+                f"mapping form takes {', '.join(FOREACH_KEYS)}: {forms}"
+            )
+    upstream = raw.get("keys_of")
+    if not isinstance(upstream, str) or not upstream:
+        raise ConfigTypeError(
+            f"{at}.keys_of must name the stage whose declared output keys name the members, "
+            f"e.g. {key}.keys_of=split, got {upstream!r}; {forms}"
+        )
+    if upstream == name:
+        raise MatrixError(
+            f"{at}.keys_of: stage '{name}' cannot expand over its own output; name the "
+            f"stage upstream of it whose keys it runs once per"
+        )
+    if upstream not in parsed:
+        raise UnknownStageError(
+            f"{at}.keys_of refers to unknown stage '{upstream}'"
+            f"{did_you_mean(upstream, parsed)}; name a stage of this pipeline"
+        )
+    body = raw_stages.get(upstream)
+    if isinstance(body, Mapping) and ("matrix" in body or "foreach" in body):
+        raise MatrixError(
+            f"{at}.keys_of: '{upstream}' is a matrix stage, whose members each have an "
+            f"output; name a single stage (a fan-in over {upstream}[*] returning a TypedDict)"
+        )
+    arg = raw.get("input", upstream)
+    if not isinstance(arg, str) or not arg.isidentifier():
+        raise ConfigTypeError(
+            f"{at}.input must be the name of the argument each member receives "
+            f"'{upstream}.<key>' as, e.g. {key}.input=part, got {arg!r}"
+        )
+    if arg in stage.inputs or arg in stage.params or arg == FOREACH_PARAM:
+        if arg == FOREACH_PARAM:
+            clash = f"the param that holds each member's key ('{FOREACH_PARAM}')"
+        else:
+            clash = f"in stages.{name}.{'inputs' if arg in stage.inputs else 'params'}"
+        raise DuplicateArgumentError(
+            f"{at}: argument '{arg}' receives '{upstream}.<key>' but is also {clash}; "
+            f"name another argument with {key}.input=<name>"
+        )
+    source = parsed[upstream]
+    try:
+        func = import_target(source.target)
+    except Exception as exc:  # ImportError, AttributeError, or the module raised
+        raise TargetImportError(
+            f"{at}.keys_of: the keys of '{upstream}' come from the return annotation of "
+            f"its _target_ '{source.target}', which cannot be imported "
+            f"({type(exc).__name__}: {exc}); fix stages.{upstream}._target_"
+        ) from exc
+    try:
+        declared = returned_type(func)
+    except TypeError:  # an unhashable callable object
+        declared = None
+    if declared is None:
+        raise MatrixError(
+            f"{at}: the keys of '{upstream}' are not known before it runs: "
+            f"{source.target} declares no TypedDict or dataclass as its return type; "
+            f"annotate it (e.g. `-> Parts` with `class Parts(TypedDict): eu: ...; us: ...`) "
+            f"or list the values yourself: {key}=[eu,us] (members then get only '{FOREACH_PARAM}')"
+        )
+    keys = list(type_keys(declared))
+    kind = declared.__name__
+    if not keys:
+        raise MatrixError(
+            f"{at}: '{upstream}' returns {kind}, which declares no keys, so there would be "
+            f"no members; add keys to {kind} or list the values: {key}=[eu,us]"
+        )
+    optional = optional_keys(declared)
+    if optional:
+        raise MatrixError(
+            f"{at}: '{upstream}' returns {kind}, which may leave out {', '.join(optional)} "
+            f"(total=False or NotRequired), so a member could have no input; make those "
+            f"keys required in {kind}"
+        )
+    for value in keys:
+        if not value or _RESERVED.search(value):
+            raise MatrixError(
+                f"{at}: key {value!r} of {kind} (the output of '{upstream}') cannot name a "
+                f"member: it is empty or contains one of [ ] , =; rename the key"
+            )
+    return keys, (upstream, arg)
 
 
 def _values(pipeline: str, stage: str, key: str, values: Sequence[Any]) -> list[Any]:

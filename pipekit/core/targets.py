@@ -5,10 +5,7 @@ or are not simple are skipped, never guessed at."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import inspect
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -25,30 +22,12 @@ from ..errors import (
     did_you_mean,
     where,
 )
+from .declared import UNKNOWN as _UNKNOWN
+from .declared import import_target
+from .declared import namespace as _namespace
+from .declared import resolve_annotation as _resolve_annotation
+from .declared import returned_keys as _returned_keys
 from .spec import PipelineSpec, Stage
-
-
-def import_target(path: str) -> Any:
-    """Import `pkg.module.attr.subattr`; raise ImportError/AttributeError with the cause."""
-    return _import(path)
-
-
-@lru_cache(maxsize=4096)
-def _import(path: str) -> Any:
-    parts = path.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # only keep searching if the missing module is the one we tried (not a dependency)
-            if exc.name and not module_name.startswith(exc.name):
-                raise
-            continue
-        for attr in parts[split:]:
-            obj = getattr(obj, attr)
-        return obj
-    return importlib.import_module(path)
 
 
 def resolve(pipeline: str, stage: Stage) -> Callable[..., Any]:
@@ -159,32 +138,6 @@ def _param_types(func: Callable[..., Any]) -> dict[str, tuple[Any, str, bool]]:
     return found
 
 
-_UNKNOWN = object()
-
-
-def _namespace(func: Callable[..., Any]) -> dict[str, Any] | None:
-    """The globals string annotations of `func` are evaluated in (as typing does)."""
-    unwrapped = inspect.unwrap(func) if callable(func) else func
-    found = getattr(unwrapped, "__globals__", None)
-    if found is None:
-        module = sys.modules.get(getattr(func, "__module__", None) or "")
-        found = vars(module) if module is not None else None
-    return found
-
-
-def _resolve_annotation(annotation: Any, namespace: dict[str, Any] | None) -> Any:
-    if annotation is inspect.Parameter.empty or annotation is inspect.Signature.empty:
-        return _UNKNOWN
-    if isinstance(annotation, str):
-        if namespace is None:
-            return _UNKNOWN
-        try:
-            return eval(annotation, dict(namespace))  # what typing.get_type_hints does
-        except Exception:  # a name imported only under TYPE_CHECKING, a typo: never guess
-            return _UNKNOWN
-    return annotation
-
-
 def _text(annotation: Any) -> str:
     return inspect.formatannotation(annotation)
 
@@ -247,25 +200,6 @@ def check_param_types(pipeline: str, stage: Stage, func: Callable[..., Any]) -> 
 
 
 # --- input keys against declared return types ----------------------------------------------
-
-
-@lru_cache(maxsize=4096)
-def _returned_keys(func: Callable[..., Any]) -> tuple[str, tuple[str, ...]] | None:
-    """(type name, keys) when a function's return annotation is a TypedDict or a dataclass."""
-    if not (inspect.isfunction(inspect.unwrap(func)) or inspect.ismethod(func)):
-        return None  # a class returns an instance of itself: not a declared mapping
-    try:
-        annotation = inspect.signature(func).return_annotation
-    except (TypeError, ValueError):
-        return None
-    resolved = _resolve_annotation(annotation, _namespace(func))
-    if not isinstance(resolved, type):
-        return None
-    if typing.is_typeddict(resolved):
-        return resolved.__name__, tuple(getattr(resolved, "__annotations__", {}))
-    if dataclasses.is_dataclass(resolved):
-        return resolved.__name__, tuple(f.name for f in dataclasses.fields(resolved))
-    return None
 
 
 def check_output_keys(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 
+from ..core.matrix import FOREACH_PARAM
 from ..core.serving import REQUEST, parse_serve
 from ..core.spec import PipelineSpec, Stage
 from ..core.states import State
@@ -104,15 +105,20 @@ def static_source(spec: PipelineSpec, legend: bool) -> str:
         attrs = _attrs(tooltip=_tooltip(spec, stage), id=f"stage-{name}", **{"class": "stage"})
         out.append(f"  {quote(name)} [label={label}{extra}, {attrs[1:]};")
     drawn: set[tuple[str, str, str]] = set()
+    keyed = _keyed_inputs(spec)
     for name, stage in spec.stages.items():
         head = node.get(name, name)
         for arg, ref in stage.inputs.items():
             tail = node.get(ref.sources[0], ref.sources[0])
             label = arg if not ref.key or ref.key == arg else f"{arg}←{ref.key}"
+            if (head, arg) in keyed:
+                label = f"{arg}←each key"
             if (tail, head, label) in drawn:  # members of one matrix share their edges
                 continue
             drawn.add((tail, head, label))
-            if head == name:
+            if (head, arg) in keyed:
+                tip = f"{tail}.<key> -> {head}[<key>]({arg}), one member per key"
+            elif head == name:
                 tip = f"{ref} -> {name}({arg})"
             else:  # drawn once for every member of the matrix `head`
                 tip = f"{tail} -> {head}({arg}), one edge per member"
@@ -146,6 +152,20 @@ def static_source(spec: PipelineSpec, legend: bool) -> str:
 def _matrices(spec: PipelineSpec) -> dict[str, tuple[str, ...]]:
     """Matrix name -> members (a `Pipeline` is drawn too: it has `stages`, maybe no matrices)."""
     return getattr(spec, "matrices", None) or {}
+
+
+def _keyed_inputs(spec: PipelineSpec) -> set[tuple[str, str]]:
+    """(matrix, argument) pairs where each member reads its own key of one upstream output
+    (`foreach: {keys_of: split}`): drawn as one edge, not one per key."""
+    found = set()
+    for base, members in _matrices(spec).items():
+        stages = [spec.stages[m] for m in members]
+        for arg, ref in stages[0].inputs.items():
+            if ref.key is None or ref.members or len(stages) < 2:
+                continue
+            if all(s.inputs[arg].key == s.matrix.get(FOREACH_PARAM) for s in stages):
+                found.add((base, arg))
+    return found
 
 
 def _matrix_nodes(spec: PipelineSpec) -> dict[str, str]:

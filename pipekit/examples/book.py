@@ -3,7 +3,9 @@
 Stages pass file paths, the way Airflow tasks do: the collectors write CSV files under a
 data directory, `combine` joins them into one CSV, `train` fits a scikit-learn model on
 it and `publish` is a gate that passes when the model clears a metric threshold (its
-`promote: champion` then moves the alias to the new version).
+`promote` then moves `@champion` to the new version if its accuracy beats the holder's).
+`request_example` and `respond` belong to the `serve` section: a request's rows are scored
+by the `train` model and answered with a label and its probability.
 
 The data is made up but deterministic: a collector generates the rows of batch 0 (there
 from the start) and of every batch that has "landed" since, from `(seed, source, batch)`.
@@ -12,6 +14,11 @@ arrives when a new batch file appears, written by `land_batch(data_dir)` or by h
 collectors are `cache: false` (they read that folder every run) and declare their CSV
 files as `outs`: a run with no new data re-runs them, finds their output unchanged and
 keeps everything after them cached (early cutoff, docs/caching.md).
+
+A batch file may also say how noisy its labels are (`{"batch": 3, "noise": 0.0}`; the
+default is `NOISE`, 0.5): a clean batch makes the held-out accuracy, and so the model
+`publish` judges, better; a noisy one (`"noise": 1.5`) makes it worse, which the metric
+promotion must not publish. `land_batch(data_dir, noise=...)` writes either.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import pandas as pd
 
 BATCHES = "batches"
 FEATURES = ("f1", "f2", "f3", "f4")
+#: The label noise (standard deviation) of batch 0 and of a batch file that sets none.
+NOISE = 0.5
 _BATCH_FILE = re.compile(r"^batch-(\d+)\.json$")
 
 
@@ -51,8 +60,11 @@ def collect(
     data_dir: str, source: str, output: str, seed: int = 0, rows_per_batch: int = 200
 ) -> str:
     """Collect batch 0 and every landed batch from `source` into the CSV file `output`."""
-    batches = sorted({0, *(read_batch(path) for path in batch_files(data_dir))})
-    frames = [_rows(seed, source, batch, rows_per_batch) for batch in batches]
+    noise = {0: NOISE}
+    for path in batch_files(data_dir):
+        number, level = read_batch(path)
+        noise[number] = level
+    frames = [_rows(seed, source, b, rows_per_batch, noise[b]) for b in sorted(noise)]
     with _atomic(output) as out:
         pd.concat(frames, ignore_index=True).to_csv(out, index=False)
     return str(output)
@@ -92,6 +104,22 @@ def publish(
     return {"accuracy": accuracy, "held_out_rows": len(held_out)}
 
 
+# --- serving (the `serve` section) -------------------------------------------------------
+
+
+def request_example(rows: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Example request rows (the feature columns only): the served model's signature."""
+    return _rows(seed, "request", 0, rows)[list(FEATURES)]
+
+
+def respond(proba: Any, threshold: float = 0.5) -> pd.DataFrame:
+    """The answer per row: the predicted label and the probability of label 1."""
+    probability = np.asarray(proba)[:, 1]
+    return pd.DataFrame(
+        {"label": (probability >= threshold).astype("int64"), "probability": probability}
+    )
+
+
 # --- data landing -------------------------------------------------------------------------
 
 
@@ -104,44 +132,51 @@ def batch_files(data_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_BATCH_FILE.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def land_batch(data_dir: str | Path) -> Path:
-    """New data lands: write the next batch file (what a scheduler's file sensor sees)."""
+def land_batch(data_dir: str | Path, noise: float | None = None) -> Path:
+    """New data lands: write the next batch file (what a scheduler's file sensor sees);
+    `noise`, when given, is its label noise (0.0: a clean batch)."""
     folder = Path(data_dir) / BATCHES
     folder.mkdir(parents=True, exist_ok=True)
-    taken = [read_batch(p) for p in batch_files(data_dir)]
+    taken = [read_batch(p)[0] for p in batch_files(data_dir)]
     number = max(taken, default=0) + 1
     path = folder / f"batch-{number:04d}.json"
+    body: dict[str, Any] = {"batch": number}
+    if noise is not None:
+        body["noise"] = float(noise)
     with _atomic(path) as out:
-        json.dump({"batch": number}, out)
+        json.dump(body, out)
     return path
 
 
-def read_batch(path: Path) -> int:
-    """The batch number a batch file holds."""
+def read_batch(path: Path) -> tuple[int, float]:
+    """The batch number a batch file holds, and its label noise."""
     try:
-        number = json.loads(path.read_text())["batch"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        body = json.loads(path.read_text())
+        number, noise = body["batch"], body.get("noise", NOISE)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f'{path}: not a batch file like {{"batch": 3}} ({exc})') from exc
     if not isinstance(number, int) or isinstance(number, bool) or number < 0:
         raise ValueError(f"{path}: 'batch' must be a non-negative integer, got {number!r}")
-    return number
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < 1e6:
+        raise ValueError(f"{path}: 'noise' must be a number >= 0 (0: clean labels), got {noise!r}")
+    return number, float(noise)
 
 
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _rows(seed: int, source: str, batch: int, count: int) -> pd.DataFrame:
+def _rows(seed: int, source: str, batch: int, count: int, noise: float = NOISE) -> pd.DataFrame:
     """`count` labelled rows of `batch` from `source`: the same arguments, the same rows.
 
-    Every source and batch shares one hidden linear rule (from `seed`), so more data
-    makes a better model."""
+    Every source and batch shares one hidden linear rule (from `seed`); a label is the
+    rule's side of zero after Gaussian noise of standard deviation `noise`."""
     rule = np.random.default_rng(seed).normal(size=len(FEATURES))
     source_id = int(hashlib.sha256(source.encode()).hexdigest()[:12], 16)
     rng = np.random.default_rng([seed, source_id, batch])
     features = rng.normal(size=(count, len(FEATURES)))
-    noise = rng.normal(scale=0.5, size=count)
+    jitter = rng.normal(size=count) * noise
     frame = pd.DataFrame(features, columns=list(FEATURES))
-    frame["label"] = (features @ rule + noise > 0).astype(int)
+    frame["label"] = (features @ rule + jitter > 0).astype(int)
     frame.insert(0, "batch", batch)
     frame.insert(0, "source", source)
     return frame

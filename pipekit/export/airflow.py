@@ -2,12 +2,14 @@
 
 Each task runs its stage through pipekit (`export.task.run_stage`: the exported config
 composed again in the directory the export ran in, `targets=[stage]`; or, with
-`--python`, `pipekit run --targets <stage>` in another environment), so the stage cache
-hands outputs from task to task and MLflow tracking works as in a local run; the tasks
-share the DAG run's `PIPEKIT_RUN_ID`, so an always-run stage (`cache: false`, a ttl) runs
-once, in its own task, and later tasks take its stored output (`cache/plan.py`). Airflow owns
-retries (the stage's `retries`, `retry_delay`) and the timeout; the task switches
-pipekit's own retries off so attempts do not multiply. Parsing the generated file imports
+`--python`, `python -m pipekit.export.task <stage>` in another environment), so the stage
+cache hands outputs from task to task and MLflow tracking works as in a local run; the
+tasks share the DAG run's `PIPEKIT_RUN_ID`, so an always-run stage (`cache: false`, a ttl)
+runs once, in its own task, and later tasks take its stored output (`cache/plan.py`).
+Airflow owns retries (the stage's `retries`, `retry_delay`) and the timeout; the task
+switches pipekit's own retries off so attempts do not multiply, and an error the stage's
+`retry_on` does not list (or a config error) fails the task with Airflow's
+`AirflowFailException`, which Airflow does not retry. Parsing the generated file imports
 only the standard library and Airflow: the scheduler parses DAG files often.
 """
 
@@ -236,9 +238,11 @@ _TEMPLATE = '''\
     {command}
 
 Each task runs its stage through pipekit (`Pipeline.run(targets=[stage])` in WORKDIR with
-the exported config; with PYTHON set, `pipekit run --targets <stage>` in that Python), so
-the stage cache hands outputs from task to task and MLflow tracking works as in a local
-run; the tasks of one DAG run share one `pipekit.run_id`. With workers on several machines,
+the exported config; with PYTHON set, `python -m pipekit.export.task <stage>` in that
+Python), so the stage cache hands outputs from task to task and MLflow tracking works as in
+a local run; the tasks of one DAG run share one `pipekit.run_id`. Airflow retries a failed
+task (`retries` below) unless the error is not in the stage's `retry_on`, or the config is
+invalid: then the task fails at once (AirflowFailException). With workers on several machines,
 use a cache all of them reach (`cache=fsspec cache.url=s3://bucket/cache`) and a tracking
 server. Re-export after changing stages, edges, retries or the schedule. Parsing this file
 imports only the standard library and Airflow: pipekit loads when a task runs.
@@ -266,7 +270,7 @@ CONFIG_DIR = {config_dir}
 CONFIG_NAME = {config_name}
 OVERRIDES = {overrides}
 #: None: run pipekit in the task's own process (pipekit installed beside Airflow);
-#: a path: run `<PYTHON> -m pipekit.cli run` (pipekit in another environment)
+#: a path: run `<PYTHON> -m pipekit.export.task` (pipekit in another environment)
 PYTHON = {python}
 #: stage -> (upstream stages, Airflow task arguments)
 STAGES = {{
@@ -274,6 +278,8 @@ STAGES = {{
 }}
 #: pipekit's exit code when the config is invalid: nothing ran, a retry cannot help
 CONFIG_ERROR = 2
+#: its exit code when the stage failed with an error its `retry_on` does not list
+NOT_RETRIED = 3
 
 
 def task_overrides(stage: str) -> list[str]:
@@ -291,7 +297,8 @@ def fail_without_retry(message: str) -> None:
 
 
 def run_in_process(stage: str, run_id: str) -> None:
-    from pipekit.export.task import run_stage  # when the task runs, not when Airflow parses
+    # imported when the task runs, not when Airflow parses
+    from pipekit.export.task import StageNotRetriedError, run_stage
 
     try:
         run_stage(
@@ -302,6 +309,8 @@ def run_in_process(stage: str, run_id: str) -> None:
             workdir=WORKDIR,
             run_id=run_id,
         )
+    except StageNotRetriedError as error:  # not in the stage's retry_on
+        fail_without_retry(str(error))
     except Exception as error:
         if getattr(error, "exit_code", None) == CONFIG_ERROR:
             fail_without_retry(f"stage {{stage!r}}: invalid config: {{error}}")
@@ -309,12 +318,12 @@ def run_in_process(stage: str, run_id: str) -> None:
 
 
 def run_in_subprocess(stage: str, run_id: str) -> None:
-    command = [PYTHON, "-m", "pipekit.cli", "run", "--targets", stage]
+    command = [PYTHON, "-m", "pipekit.export.task", "--workdir", WORKDIR]
     if CONFIG_DIR is not None:
         command += ["-cd", CONFIG_DIR]
     if CONFIG_NAME != "config":
         command += ["-cn", CONFIG_NAME]
-    command += task_overrides(stage)
+    command += [stage, "--", *task_overrides(stage)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PIPEKIT_RUN_ID=run_id)
     print("pipekit task:", " ".join(command), flush=True)
     with subprocess.Popen(
@@ -339,6 +348,11 @@ def run_in_subprocess(stage: str, run_id: str) -> None:
             raise
     if code == CONFIG_ERROR:
         fail_without_retry(f"stage {{stage!r}}: invalid config (pipekit exit 2), see above")
+    if code == NOT_RETRIED:
+        fail_without_retry(
+            f"stage {{stage!r}} failed with an error its retry_on does not list "
+            f"(pipekit exit 3), see above"
+        )
     if code != 0:
         raise RuntimeError(f"stage {{stage!r}} failed (pipekit exit {{code}}), see above")
 

@@ -266,22 +266,29 @@ def build_graph(
     replace = replace or {}
     token = uuid.uuid4().hex  # names this graph's attempt logs (ATTEMPTS)
     stage_map = spec.stages
+    pipeline = spec.name
     for name in stages:
         if name in replace:
             dsk[name] = replace[name]
             continue
         stage = stage_map[name]
-        upstream = stage.upstream
-        position = {dep: i for i, dep in enumerate(upstream)}
         func = funcs[name]
-        if any(ref.members for ref in stage.inputs.values()):  # matrix fan-in (run/fanin.py)
-            func, args = stage_args(stage, func, position)
+        inputs = stage.inputs
+        if not inputs and not stage.after:  # a source stage (most matrix members)
+            upstream: tuple[str, ...] = ()
+            args: tuple = ()
         else:
-            args = tuple(
-                (arg, position[ref.stage], ref.key, ref.stage) for arg, ref in stage.inputs.items()
-            )
+            upstream = stage.upstream
+            position = {dep: i for i, dep in enumerate(upstream)}
+            if any(ref.members for ref in inputs.values()):  # matrix fan-in (run/fanin.py)
+                func, args = stage_args(stage, func, position)
+            else:
+                args = tuple(
+                    (arg, position[ref.stage], ref.key, ref.stage) for arg, ref in inputs.items()
+                )
+        retry_on = stage.retry_on
         task = StageTask(
-            spec.name,
+            pipeline,
             name,
             func,
             stage.params,
@@ -289,7 +296,7 @@ def build_graph(
             stage.retries,
             stage.retry_delay,
             stage.retry_backoff,
-            exception_classes(spec.name, name, stage.retry_on),
+            exception_classes(pipeline, name, retry_on) if retry_on else (),
             stage.timeout,
             token,
         )

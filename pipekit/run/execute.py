@@ -268,12 +268,13 @@ class StageTimer:
                 event = StageEvent(key, "running", now, reason=reason, meta=meta or {})
                 self.observer.stage_changed(event)
 
-    def end(self, key: str, output: Any) -> None:
-        """A stage's output reached the client (executor=distributed reports it here)."""
+    def end(self, key: str, output: Any, log: Attempts | None = None) -> None:
+        """A stage's output reached the client (executor=distributed reports it here, with
+        the attempt log the worker sent back when the stage passed after retries)."""
         if key in self.stages:
             now = time.perf_counter()
             duration = self.durations[key] = now - self.started.get(key, now)
-            log = self._attempts(key)
+            log = log if log is not None else self._attempts(key)
             if self.observer is not None:
                 event = outcome_event(
                     key, output, now, duration, self.reasons.get(key, ""), self.meta.get(key), log
@@ -362,10 +363,10 @@ def outcome_event(
 
 def scheduler_get(scheduler: str) -> Callable[..., Any]:
     """The `get` function of a local Dask scheduler."""
-    if scheduler == "sync":
-        from dask.local import get_sync
+    if scheduler == "sync":  # in order in this thread; other graphs: get_sync (run/inline.py)
+        from .inline import get
 
-        return get_sync
+        return get
     if scheduler == "threads":
         from dask.threaded import get
 

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,15 +66,25 @@ def log_batch(
     params: Mapping[str, str] | None = None,
     metrics: Mapping[str, float] | None = None,
     tags: Mapping[str, str] | None = None,
+    model_metrics: Mapping[str, float] | None = None,
+    model_ids: Sequence[str] = (),
 ) -> None:
-    """Everything in as few `log_batch` calls as MLflow's limits allow."""
+    """Everything in as few `log_batch` calls as MLflow's limits allow.
+
+    `model_metrics` are run metrics too, and also metrics of each logged model in
+    `model_ids` (MLflow 3: they show beside the model in the experiment's Models tab).
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     stamp = now_ms()
     clean_p = {key(k): v for k, v in (params or {}).items()}  # also drops clashes
-    clean_m = {key(k): v for k, v in (metrics or {}).items()}
+    linked = {key(k): v for k, v in (model_metrics or {}).items()}  # these win a clash
+    clean_m = {key(k): v for k, v in (metrics or {}).items() if key(k) not in linked}
     items_p = [Param(k, v) for k, v in clean_p.items()]
     items_m = [Metric(k, v, stamp, 0) for k, v in clean_m.items()]
+    for name, value in linked.items():
+        for model_id in model_ids or [None]:  # MLflow keeps one run metric of equal copies
+            items_m.append(Metric(name, value, stamp, 0, model_id=model_id))
     items_t = [RunTag(k, v) for k, v in (tags or {}).items()]
     while items_p or items_m or items_t:
         client.log_batch(
@@ -252,8 +262,11 @@ def _busy_timeout(connection: Any, record: Any) -> None:
 
 
 def experiment_id(client: Any, name: str, artifacts: str | None) -> str:
-    """The id of experiment `name`, created (or restored from the bin) when needed."""
+    """The id of experiment `name`, created (or restored from the bin) when needed, of
+    the "Model training" kind (`mlflow.experimentKind`) unless someone chose another."""
     from mlflow.exceptions import MlflowException
+
+    from . import tags as tag
 
     found = client.get_experiment_by_name(name)
     if found is None:
@@ -261,7 +274,8 @@ def experiment_id(client: Any, name: str, artifacts: str | None) -> str:
         if artifacts:  # one folder per experiment under the artifact root
             location = f"{artifacts.rstrip('/')}/{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
         try:
-            return client.create_experiment(name, artifact_location=location)
+            kind = {tag.EXPERIMENT_KIND: tag.TRAINING}  # the UI's "Model training" view
+            return client.create_experiment(name, artifact_location=location, tags=kind)
         except MlflowException as exc:  # created meanwhile by another process
             found = client.get_experiment_by_name(name)
             if found is None:
@@ -269,32 +283,92 @@ def experiment_id(client: Any, name: str, artifacts: str | None) -> str:
     if found.lifecycle_stage == "deleted":
         log.warning("pipekit tracking: restoring deleted MLflow experiment %r", name)
         client.restore_experiment(found.experiment_id)
+    if tag.EXPERIMENT_KIND not in (found.tags or {}):  # made before pipekit set it; a kind
+        client.set_experiment_tag(found.experiment_id, tag.EXPERIMENT_KIND, tag.TRAINING)
     return found.experiment_id
 
 
 def log_model(
-    client: Any, run_id: str, artifact_uri: str, output: Any, input_example: Any = None
-) -> str:
-    """Save `output` as the run's `model` artifact (with a signature when `input_example`
-    is given, see `flavors.save_model`); the flavour used.
+    client: Any,
+    run_id: str,
+    experiment: str,
+    name: str,
+    output: Any,
+    *,
+    input_example: Any = None,
+    candidates: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> tuple[str, Any]:
+    """`output` as an MLflow 3 logged model of `experiment` made by run `run_id` (it shows
+    in the experiment's Models tab and as the run's output); (flavour, the LoggedModel).
 
-    A local artifact store gets the files written in place (atomically renamed into
-    `model/`); other stores get them uploaded from a temporary directory.
+    The model is created PENDING, saved (`flavors.save_model`: signature and input example
+    from `input_example` or `candidates`), and READY once its files are all there; FAILED
+    when saving fails (the error is raised). A local artifact store gets the files written
+    in place (atomically renamed into the model's `artifacts/`); other stores get them
+    uploaded from a temporary directory.
     """
-    local = local_path(artifact_uri)
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
+
+    model = client.create_logged_model(
+        experiment,
+        name=_model_name(name),
+        source_run_id=run_id,
+        tags=dict(tags or {}),
+        params={key(k): v for k, v in (params or {}).items()} or None,
+    )
+    meta = Model(
+        artifact_path=model.artifact_location,
+        run_id=run_id,
+        model_uuid=model.model_id,
+        model_id=model.model_id,
+    )
+    try:
+        flavor = _save_logged(client, model, output, input_example, candidates, meta)
+    except BaseException:
+        try:
+            client.finalize_logged_model(model.model_id, "FAILED")
+        except Exception as exc:  # the save error says more
+            log.debug("pipekit tracking: cannot mark %s FAILED: %s", model.model_id, exc)
+        raise
+    model = client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return flavor, model
+
+
+def _save_logged(
+    client: Any,
+    model: Any,
+    output: Any,
+    example: Any,
+    candidates: Mapping[str, Any] | None,
+    meta: Any,
+) -> str:
+    """Save `output` into the logged model's artifact location; the flavour."""
+    local = local_path(model.artifact_location)
     if local is None:
         with tempfile.TemporaryDirectory(prefix="pipekit-model-") as tmp:
-            flavor = save_model(output, os.path.join(tmp, "model"), input_example)
-            client.log_artifacts(run_id, os.path.join(tmp, "model"), "model")
+            where = os.path.join(tmp, "model")
+            flavor = save_model(output, where, example, candidates=candidates, mlflow_model=meta)
+            client.log_model_artifacts(model.model_id, where)
         return flavor
-    os.makedirs(local, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".model-", dir=local)
+    parent = os.path.dirname(local.rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".model-", dir=parent)
     try:
-        flavor = save_model(output, os.path.join(tmp, "model"), input_example)
-        os.replace(os.path.join(tmp, "model"), os.path.join(local, "model"))
+        where = os.path.join(tmp, "model")
+        flavor = save_model(output, where, example, candidates=candidates, mlflow_model=meta)
+        os.replace(where, local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return flavor
+
+
+def _model_name(name: str) -> str:
+    """A logged model's name MLflow accepts (no `/ : . % " '`)."""
+    return re.sub(r"[/:.%\"']", "_", name)[:250] or "model"
 
 
 def log_text(client: Any, run_id: str, artifact_uri: str, content: str, name: str) -> None:
@@ -324,26 +398,143 @@ def local_path(uri: str) -> str | None:
     return None
 
 
-def register(client: Any, name: str, source: str, run_id: str, tags: dict, stage: Any) -> Any:
-    """A new version of registered model `name`, creating the model on first use."""
+def register(
+    client: Any,
+    name: str,
+    source: str,
+    run_id: str,
+    tags: dict,
+    stage: Any,
+    model: Any = None,
+) -> Any:
+    """A new version of registered model `name`, creating the model on first use.
+
+    With `model` (an MLflow 3 LoggedModel, `source` its artifact location) the version
+    points at that model: its source reads `models:/<model_id>` (MLflow's UI links the
+    version to the model), and the model lists the version (`mlflow.modelVersions`). No
+    call waits for the version to become READY (MLflow's own stores create it READY; the
+    wait only logs "Waiting up to 300 seconds ...").
+    """
     from mlflow.exceptions import MlflowException
 
+    model_id = model.model_id if model is not None else None
+    server = _is_server(client)
+    if model_id and server:  # the server resolves the model itself and lists the version
+        source = f"models:/{model_id}"
+
+    def create() -> Any:
+        return client.create_model_version(
+            name, source, run_id=run_id, tags=tags, await_creation_for=0, model_id=model_id
+        )
+
     try:
-        return client.create_model_version(name, source, run_id=run_id, tags=tags)
+        created = create()
     except MlflowException as exc:
         if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise
+        try:
+            client.create_registered_model(name, description=stage.description or None)
+        except MlflowException as exc:  # created meanwhile by another process
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        created = create()
+    if model is not None and not server:
+        _point_at_model(client, created, model)
+    return created
+
+
+def _is_server(client: Any) -> bool:
+    uri = getattr(client, "_registry_uri", "") or ""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def _point_at_model(client: Any, version: Any, model: Any) -> None:
+    """What an MLflow server does when it registers `models:/<model_id>`, done here for a
+    store pipekit opens itself: the version's source becomes `models:/<model_id>` (its
+    storage location stays the model's files) and the logged model lists the version.
+
+    MLflow's SQL store would do the first itself, but looks the model up through the
+    process-wide tracking URI (not the client's), so pipekit registers from the location
+    and sets the source in the same store. Failing here leaves a usable version without
+    the link (logged at debug).
+    """
+    from . import tags as tag
+
+    model_id = model.model_id
     try:
-        client.create_registered_model(name, description=stage.description or None)
-    except MlflowException as exc:  # created meanwhile by another process
-        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
-            raise
-    return client.create_model_version(name, source, run_id=run_id, tags=tags)
+        store = client._get_registry_client().store
+        with store.ManagedSessionMaker(read_only=False) as session:
+            row = store._get_sql_model_version(session, version.name, str(version.version))
+            row.source = f"models:/{model_id}"
+    except Exception as exc:
+        log.debug("pipekit tracking: version source stays its location: %s", exc)
+    try:
+        listed = json.loads((model.tags or {}).get(tag.MODEL_VERSIONS, "[]"))
+        entry = {"name": version.name, "version": int(version.version)}  # as a server writes
+        if not any(_same(item, version.name, str(version.version)) for item in listed):
+            value = {tag.MODEL_VERSIONS: json.dumps([*listed, entry])}
+            service = getattr(client, "_tracking_client", None)  # without the client's
+            setter = getattr(service, "set_logged_model_tags", client.set_logged_model_tags)
+            setter(model_id, value)  # look-up first: `model` is the one just logged
+    except Exception as exc:
+        log.debug("pipekit tracking: %s does not list its version: %s", model_id, exc)
 
 
-def version_for_cache_key(client: Any, name: str, cache_key: str) -> tuple[str, str] | None:
+def _same(item: Any, name: str, version: str) -> bool:
+    """Whether an entry of `mlflow.modelVersions` names version `name`/`version`."""
+    return isinstance(item, dict) and (item.get("name"), str(item.get("version"))) == (
+        name,
+        version,
+    )
+
+
+_MODEL_SOURCE = re.compile(r"^models:/(m-[0-9a-f]+)$")
+
+
+def model_id_of(version: Any) -> str | None:
+    """The logged model a registered version was made from (its `model_id`, its
+    `models:/<id>` source, or pipekit's `pipekit.model_id` tag), or None."""
+    from . import tags as tag
+
+    found = getattr(version, "model_id", None)
+    if found:
+        return str(found)
+    matched = _MODEL_SOURCE.match(getattr(version, "source", "") or "")
+    if matched:
+        return matched.group(1)
+    return (getattr(version, "tags", None) or {}).get(tag.MODEL_ID) or None
+
+
+def forget_version(client: Any, found: Any) -> None:
+    """Delete registered version `found` (a ModelVersion), and keep its logged model
+    consistent: the version leaves the model's `mlflow.modelVersions`; a model no version
+    lists any more is deleted too (as MLflow deletes: hidden, its files kept until
+    `mlflow gc`)."""
+    from . import tags as tag
+
+    name, version = found.name, str(found.version)
+    model_id = model_id_of(found)
+    client.delete_model_version(name, version)
+    if not model_id:
+        return
+    try:
+        model = client.get_logged_model(model_id)
+        listed = json.loads(model.tags.get(tag.MODEL_VERSIONS, "[]"))
+        left = [item for item in listed if not _same(item, name, version)]
+        if left:
+            client.set_logged_model_tags(model_id, {tag.MODEL_VERSIONS: json.dumps(left)})
+        else:
+            client.delete_logged_model(model_id)
+    except Exception as exc:  # the version is gone either way
+        log.debug("pipekit tracking: logged model %s left as it was: %s", model_id, exc)
+
+
+def version_for_cache_key(
+    client: Any, name: str, cache_key: str
+) -> tuple[str, str, str | None] | None:
     """The newest version of registered model `name` made from cache entry `cache_key`,
-    as (version, run id): a cached stage links to it instead of registering a copy."""
+    as (version, run id, logged model id): a cached stage links to it instead of
+    registering a copy."""
     from mlflow.exceptions import MlflowException
 
     from . import tags as tag
@@ -356,7 +547,9 @@ def version_for_cache_key(client: Any, name: str, cache_key: str) -> tuple[str, 
         )
     except MlflowException:
         return None
-    return (str(found[0].version), found[0].run_id or "") if found else None
+    if not found:
+        return None
+    return str(found[0].version), found[0].run_id or "", model_id_of(found[0])
 
 
 def client_for(uri: str, *, sqlite_wal: bool = True) -> Any:
@@ -370,7 +563,7 @@ def client_for(uri: str, *, sqlite_wal: bool = True) -> Any:
 
     db = sqlite_file(uri)
     if db is None:
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return _no_url_prints(MlflowClient(tracking_uri=uri, registry_uri=uri))
     _import_stores()  # seconds of imports outside the lock; under it only table work
     with store_lock(db), quiet("mlflow.store.db.utils"), quiet("alembic.runtime.migration"):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates the tables
@@ -380,6 +573,31 @@ def client_for(uri: str, *, sqlite_wal: bool = True) -> Any:
         else:
             _wait_when_busy(client)
     return client
+
+
+def _no_url_prints(client: Any) -> Any:
+    """`client` without MLflow's `🏃 View run ... / 🧪 View experiment ...` lines on stdout:
+    a server client prints them (after a `get_run` round trip) whenever it ends a run.
+    They go to the debug log; `pipekit run` closes with its own links (`ui_links`)."""
+    service = getattr(client, "_tracking_client", None)
+    if service is not None and hasattr(service, "_log_url"):
+        service._log_url = _url_to_debug_log
+    return client
+
+
+def _url_to_debug_log(run_id: str) -> None:
+    log.debug("pipekit tracking: MLflow run %s ended", run_id)
+
+
+#: The query that opens MLflow 3's UI in its "Model training" view (else it may pick GenAI).
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_links(base: str, experiment: str, run: str) -> tuple[str, str]:
+    """(the experiment's runs table, the run's page) in the MLflow UI at `base`, both in
+    the "Model training" view (`TRAINING_VIEW`)."""
+    root = f"{base.rstrip('/')}/#/experiments/{experiment}/runs"
+    return f"{root}?{TRAINING_VIEW}", f"{root}/{run}?{TRAINING_VIEW}"
 
 
 def _import_stores() -> None:

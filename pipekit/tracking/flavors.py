@@ -14,22 +14,32 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["quiet", "requirements", "save_model"]
+__all__ = ["quiet", "requirements", "sample", "save_model"]
 
 #: Rows of an input example kept with a model (MLflow stores it as JSON beside the model).
 EXAMPLE_ROWS = 5
 
 
-def save_model(obj: Any, path: str, input_example: Any = None) -> str:
+def save_model(
+    obj: Any,
+    path: str,
+    input_example: Any = None,
+    *,
+    candidates: Mapping[str, Any] | None = None,
+    mlflow_model: Any = None,
+) -> str:
     """Save `obj` as an MLflow model at `path` with explicit pip requirements; the flavour.
 
     scikit-learn estimators use the sklearn flavour (its pyfunc calls `predict`, or
     `transform` for a transformer); any other picklable object is wrapped as a pyfunc
-    whose `predict` calls `obj.predict`, `obj.transform` or `obj`. With `input_example`
-    (rows the model is applied to), the first rows are stored with the model and its
-    signature is inferred from them and from what the model returns for them.
+    whose `predict` calls `obj.predict`, `obj.transform` or `obj`. The first rows of an
+    input example are stored with the model and its signature is inferred from them and
+    from what the model returns for them: `input_example` (what serving feeds it) when
+    given and `obj` accepts it, else the first of `candidates` (argument -> a few rows of
+    what the stage received, see `sample`) that `obj` accepts. `mlflow_model` (an
+    `mlflow.models.Model` naming the logged model and run) is written as its MLmodel.
     """
-    example, signature = _signature(obj, input_example)
+    example, signature = _signature(obj, input_example, candidates or {})
     if _is_sklearn(obj):
         import mlflow.sklearn
 
@@ -42,6 +52,7 @@ def save_model(obj: Any, path: str, input_example: Any = None) -> str:
                 signature=signature,
                 input_example=example,
                 pyfunc_predict_fn=_method(obj) or "predict",
+                mlflow_model=mlflow_model,
             )
         return "sklearn"
     import cloudpickle
@@ -62,6 +73,7 @@ def save_model(obj: Any, path: str, input_example: Any = None) -> str:
             pip_requirements=_requirements(obj, ["cloudpickle"]),
             signature=signature,
             input_example=example,
+            mlflow_model=mlflow_model,
         )
     return "pyfunc"
 
@@ -74,33 +86,85 @@ def _method(obj: Any) -> str | None:
     return None
 
 
-def _signature(obj: Any, input_example: Any) -> tuple[Any, Any]:
-    """(the example's first rows, the signature inferred from them and obj's answer), or
-    (None, None) without an example or when obj cannot answer it (logged, not raised: a
-    model without a signature is still a model)."""
-    if input_example is None:
-        return None, None
-    try:
-        example = (
-            input_example.head(EXAMPLE_ROWS)
-            if hasattr(input_example, "head")
-            else input_example[:EXAMPLE_ROWS]
-        )
-        method = _method(obj)
-        output = getattr(obj, method)(example) if method else obj(example)
-        from mlflow.models import infer_signature
+def _signature(obj: Any, input_example: Any, candidates: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(an example's first rows, the signature inferred from them and obj's answer), from
+    the first example obj accepts, or (None, None) (logged, not raised: a model without
+    a signature is still a model)."""
+    tries = [("the serve example", input_example)] if input_example is not None else []
+    tries += [(f"input '{arg}'", value) for arg, value in candidates.items() if _rows(value)]
+    failed = []
+    for label, value in tries:
+        try:
+            example = _columns_for(obj, _head(value))
+            method = _method(obj)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "X has feature names, but ..."
+                output = getattr(obj, method)(example) if method else obj(example)
+                from mlflow.models import infer_signature
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return example, infer_signature(example, output)
-    except Exception as exc:
+                return example, infer_signature(example, output)
+        except Exception as exc:
+            failed.append(f"{label}: {type(exc).__name__}: {exc}")
+    if failed:
         logging.getLogger(__name__).info(
-            "pipekit: %s logged without a signature: its input example failed: %s: %s",
+            "pipekit: %s logged without a signature: no example fits it (%s)",
             type(obj).__name__,
-            type(exc).__name__,
-            exc,
+            "; ".join(failed),
         )
-        return None, None
+    return None, None
+
+
+def _rows(value: Any) -> bool:
+    """Whether `value` looks like rows a model is applied to (a frame, an array, a list)."""
+    if isinstance(value, (list, tuple)):
+        return bool(value)
+    shape = getattr(value, "shape", None)
+    return isinstance(shape, tuple) and len(shape) >= 1 and shape[0] > 0
+
+
+def _head(value: Any) -> Any:
+    return value.head(EXAMPLE_ROWS) if hasattr(value, "head") else value[:EXAMPLE_ROWS]
+
+
+def _columns_for(obj: Any, rows: Any) -> Any:
+    """A frame's columns the model was fitted on, in its order (the others, e.g. the
+    target, dropped), when the model knows them (`feature_names_in_`)."""
+    names = getattr(obj, "feature_names_in_", None)
+    columns = getattr(rows, "columns", None)
+    if names is None or columns is None:
+        return rows
+    wanted = [str(n) for n in names]
+    if list(map(str, columns)) == wanted or not set(wanted) <= set(map(str, columns)):
+        return rows
+    return rows[wanted]
+
+
+def sample(value: Any, rows: int = EXAMPLE_ROWS) -> Any:
+    """A few rows of a stage's input, copied (the full output is not kept alive) and with
+    secret-looking columns (and record keys) masked (`core.redact`), or None when `value`
+    is not rows.
+
+    Runs in the driver without importing pandas or numpy: frames, series and arrays are
+    recognised by their `shape`/`head`; lists and tuples of rows are sliced.
+    """
+    import copy
+
+    from ..core.redact import MASK, is_secret_key, redact
+
+    if not _rows(value):
+        return None
+    try:
+        if isinstance(value, (list, tuple)):
+            return copy.deepcopy(redact(list(value[:rows])))  # records: secret keys masked
+        if hasattr(value, "head") and hasattr(value, "copy"):
+            part = value.head(rows).copy()
+            for column in getattr(part, "columns", ()):
+                if is_secret_key(str(column)):
+                    part[column] = MASK
+            return part
+        return value[:rows].copy()  # an array: a copy, not a view of the whole
+    except Exception:  # an exotic container: no example from it
+        return None
 
 
 def _is_sklearn(obj: Any) -> bool:
@@ -152,10 +216,23 @@ def _requirements(obj: Any, packages: list[str]) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _distributions() -> Mapping[str, list[str]]:
+    """Top-level module -> distributions. MLflow's check of a model's requirements builds
+    the same map (a scan of every installed distribution, ~0.3 s of CPU): it is read from
+    there, so a process scans once; our own scan if MLflow's private copy moved."""
     from importlib import metadata
 
+    found: Any = None
+    try:
+        from mlflow.utils import requirements_utils as mlflow_requirements
+
+        mlflow_requirements._init_modules_to_packages_map()
+        found = mlflow_requirements._MODULES_TO_PACKAGES
+    except Exception as exc:
+        logging.getLogger(__name__).debug("pipekit: MLflow's distribution map: %s", exc)
+    if not isinstance(found, Mapping):
+        found = metadata.packages_distributions()
     skip = {"builtins", "__main__", "pipekit"}
-    return {k: v for k, v in metadata.packages_distributions().items() if k not in skip}
+    return {k: list(v) for k, v in found.items() if k not in skip and "." not in k}
 
 
 class quiet:

@@ -2,20 +2,26 @@
 
 What goes where (docs/tracking.md has the full table):
 
-- parent run (experiment = pipeline name): tags `pipekit.pipeline`, `pipekit.run_id`,
-  `pipekit.config_hash`, `pipekit.overrides`, `mlflow.source.git.commit`; params
-  `stage.param` of every planned stage; metrics `stage.metric` and `stage.duration_s`;
-  artifacts `config.yaml` and `dag.svg`.
-- nested run per executed stage (`mlflow.parentRunId`): its params, metrics, duration,
-  state, cache hit, error tag and `traceback.txt` when it failed.
-- `model: true` stages: the output logged as an MLflow model under the stage run and
-  registered as `<pipeline>.<stage>`, the version tagged with the parent run, the config
-  hash and `pipekit.upstream.<stage>` = the upstream model versions it consumed.
+- parent run (experiment = pipeline name), named for people (`tags.run_name`: `cancer
+  C=0.5`): tags `pipekit.pipeline`, `pipekit.run_id`, `pipekit.config_hash`,
+  `pipekit.overrides`, `mlflow.source.git.commit`; params `stage.param` of every planned
+  stage; metrics `stage.metric` and `stage.duration_s`; artifacts `config.yaml`, `dag.svg`.
+- nested run per executed stage (`mlflow.parentRunId`), opened in a topological order
+  with increasing start times: its params, metrics, duration, state, cache hit, error tag
+  and `traceback.txt` when it failed.
+- `model: true` stages: the output logged as an MLflow 3 logged model (source run: the
+  stage run; metrics: those of the stages evaluating it) and registered from it as
+  `<pipeline>.<stage>`, the version tagged with the parent run, the config hash and
+  `pipekit.upstream.<stage>` = the upstream model versions it consumed.
 
 Every MLflow call goes through `MlflowClient` with an explicit run id, from one writer
-thread per pipeline run: stages running in parallel threads or processes can never log
-into each other's runs, and Dask's scheduler never waits on the tracking store. The run
-is flushed before `Pipeline.run` returns, so no run is left RUNNING.
+per pipeline run (`writer.py`): stages running in parallel threads or processes can never
+log into each other's runs, and Dask's scheduler never waits on the tracking store. Which
+process talks to MLflow: in notebooks and `Pipeline.run` from Python, a thread of the
+process that runs the pipeline; under `pipekit run`, a writer process the CLI starts
+before composing the config, running these same methods on a copy of this observer. The
+hooks below run in the driver and only submit work; the methods after them are the
+writer's. The run is flushed before `Pipeline.run` returns, so no run is left RUNNING.
 """
 
 from __future__ import annotations
@@ -23,13 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +44,11 @@ from ..core.result import RunResult
 from ..core.serving import StageExamples
 from ..core.spec import PipelineSpec, flat_params
 from ..core.states import count_states
-from ..errors import PipekitError, TrackingUnavailableError
 from . import tags as tag
 from .client import (
     check_reachable,
     client_for,
     experiment_id,
-    http_limits,
     log_batch,
     log_model,
     log_text,
@@ -57,8 +58,10 @@ from .client import (
     text,
     version_for_cache_key,
 )
+from .flavors import sample
 from .promotion import promote, prune_versions
 from .settings import settings_from_config
+from .writer import ProcessWriter, ThreadWriter, open_writer
 
 log = logging.getLogger(__name__)
 
@@ -144,104 +147,6 @@ def _git_rev_parse(folder: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-# --- the writer thread ------------------------------------------------------------------
-
-
-class _Writer:
-    """One thread that performs MLflow calls in submission order; errors are logged, once."""
-
-    def __init__(self, name: str, uri: str = ""):
-        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]
-        self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.failures: list[str] = []
-        self.uri = uri
-        #: the server stopped answering: the rest of the work is dropped, not retried
-        self.gone: str | None = None
-        self._thread.start()
-
-    def submit(self, func: Callable[..., Any], *args: Any) -> None:
-        self._queue.put((func, args))
-
-    def close(self, grace: float = 30.0) -> None:
-        """Run everything submitted, then stop the thread (waits for it).
-
-        For `grace` seconds a second Ctrl-C or a SIGTERM waits too (then takes effect): it
-        must not leave runs RUNNING. After that the wait can be interrupted as usual.
-        """
-        self._queue.put(None)
-        with _sigint_deferred():
-            self._thread.join(grace)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        with http_limits():
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                if self.gone is None:
-                    self._call(*item)
-
-    def _call(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        try:
-            func(*args)
-        except Exception as exc:
-            message = failure_text(exc)
-            self.failures.append(message)
-            debug = log.isEnabledFor(logging.DEBUG)
-            log.warning("pipekit tracking: %s", message, exc_info=debug)
-            if isinstance(exc, TrackingUnavailableError):
-                self.gone = message
-            elif self.uri.startswith(("http://", "https://")):
-                try:  # one quick look instead of MLflow's retries on every later call
-                    check_reachable(self.uri)
-                except TrackingUnavailableError as down:
-                    self.gone = str(down)
-                    log.warning(
-                        "pipekit tracking: %s; the run's remaining MLflow calls are dropped", down
-                    )
-
-
-def failure_text(exc: BaseException) -> str:
-    """One line for a tracking failure: pipekit's own errors say it all, others get their type."""
-    if isinstance(exc, PipekitError):
-        return str(exc)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-@contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C and SIGTERM for the block (main thread only), then hand each one
-    caught to the handler it would have reached (Ctrl-C: KeyboardInterrupt; SIGTERM's
-    default: the process ends), so ending the MLflow runs is never cut short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous: dict[int, Any] = {}
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
-    except ValueError:  # not allowed here (embedded interpreter)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    for signum in dict.fromkeys(caught):  # each signal once, in the order they came
-        handler = previous[signum]
-        if callable(handler):
-            handler(signum, None)
-        elif handler == signal.SIG_DFL:
-            signal.raise_signal(signum)
-
-
 # --- the observer -----------------------------------------------------------------------
 
 
@@ -278,8 +183,10 @@ class MlflowObserver(Observer):
         self.stage_runs: dict[str, str] = {}
         #: model stage -> (registered model name, version) it produced or reused
         self.versions: dict[str, tuple[str, str]] = {}
+        #: model stage -> id of the MLflow 3 logged model it produced or reused
+        self.model_ids: dict[str, str] = {}
         self.failures: list[str] = []
-        self._writer: _Writer | None = None
+        self._writer: ThreadWriter | ProcessWriter | None = None
         self._client: Any = None
         self._run: RunInfo | None = None
         self._artifact_uris: dict[str, str] = {}
@@ -291,11 +198,16 @@ class MlflowObserver(Observer):
         self._order: list[str] = []
         self._hash = ""
         self._secrets: set[str] = set()
+        self._last_start = 0  # ms: stage runs start in the order they open (`_open_stage`)
+        self._shift: dict[str, int] = {}
+        #: driver side: upstream stage -> (model stage, argument, key) it feeds; samples
+        self._feeds: dict[str, list[tuple[str, str, str | None]]] | None = None
+        self._samples: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"<MlflowObserver {self.uri!r} experiment={self.experiment!r}>"
 
-    # hooks: called in the driver; they only queue work for the writer thread
+    # hooks: called in the driver; they only queue work for the writer (thread or process)
 
     def run_started(self, run: RunInfo) -> None:
         self._close_writer()
@@ -306,11 +218,13 @@ class MlflowObserver(Observer):
         self._broken = set()
         self._parent_metrics = {}
         self._ancestors = {}
+        self.model_ids, self._last_start, self._shift = {}, 0, {}
+        self._feeds, self._samples = None, {}
         self._order = list(run.stages)
         self._hash = config_hash(run.spec.config)
         self._examples = StageExamples(run.spec)  # input examples from the serve section
         self._secrets = set()  # found by the writer thread: the driver does not wait
-        self._writer = _Writer(f"pipekit-mlflow-{run.run_id[:8]}", self.uri)
+        self._writer = open_writer(self, f"pipekit-mlflow-{run.run_id[:8]}")  # writer.py
         self._writer.submit(self._start_parent, run, int(run.started * 1000))
 
     def stage_changed(self, event: StageEvent) -> None:
@@ -322,6 +236,8 @@ class MlflowObserver(Observer):
                 self._writer.submit(self._open_stage, event.stage, now_ms())
         elif event.state in ("failed", "skipped"):
             self._broken.add(event.stage)
+        if event.state == "done":  # rows of what it feeds a model stage, for input examples
+            event = self._sampled(event)
         if event.state in ("done", "cached", "failed"):
             self._closed.add(event.stage)
             self._writer.submit(self._close_stage, event, now_ms())
@@ -379,6 +295,34 @@ class MlflowObserver(Observer):
         self._writer.submit(self._kill, error)
         self._close_writer()
 
+    def _sampled(self, event: StageEvent) -> StageEvent:
+        """Driver side: keep a few rows (`flavors.sample`) of a finished stage's output
+        where a model stage takes it as an input; a model stage's event gets its inputs'
+        rows as `meta["input_examples"]` (argument -> rows), from which its logged model
+        infers an input example and signature when the serve section gives none."""
+        run = self._run
+        if run is None:
+            return event
+        if self._feeds is None:
+            self._feeds = {}
+            for name, spec in run.spec.stages.items():
+                for arg, ref in spec.inputs.items() if spec.model else ():
+                    if not ref.members:
+                        self._feeds.setdefault(ref.stage, []).append((name, arg, ref.key))
+        if event.output is not None:
+            for model, arg, key in self._feeds.get(event.stage, ()):
+                try:
+                    value = event.output if key is None else event.output[key]
+                except Exception:  # the run reports a missing key; no example from it
+                    continue
+                rows = sample(value)
+                if rows is not None:
+                    self._samples.setdefault(model, {})[arg] = rows
+        found = self._samples.pop(event.stage, None)
+        if not found:
+            return event
+        return replace(event, meta={**event.meta, "input_examples": found})
+
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -387,7 +331,7 @@ class MlflowObserver(Observer):
             finally:
                 self.failures.extend(writer.failures)
 
-    # writer-thread work ---------------------------------------------------------------
+    # the writer's work: its thread, or the writer process (writer.py) -----------------
 
     @property
     def client(self) -> Any:
@@ -402,7 +346,7 @@ class MlflowObserver(Observer):
         client = self.client
         self.experiment_id = experiment_id(client, self.experiment or pipeline.name, self.artifacts)
         tags = {
-            "mlflow.runName": f"{pipeline.name}-{run.run_id[:8]}",
+            tag.RUN_NAME: tag.run_name(pipeline.name, run.overrides, run.run_id, pipeline.config),
             "mlflow.source.name": f"pipekit:{pipeline.name}",
             "mlflow.source.type": "LOCAL",
             tag.PIPELINE: pipeline.name,
@@ -459,10 +403,24 @@ class MlflowObserver(Observer):
             tags[tag.MEMBER] = text(dict(spec.matrix))
         for upstream, (model, version) in self._upstream_versions(stage).items():
             tags[tag.upstream(upstream)] = f"{model}/{version}"
-        child = self.client.create_run(self.experiment_id, start_time=started_ms, tags=tags)
+        # start times strictly increase in the order stage runs are opened (a topological
+        # order: a stage opens after its inputs), so MLflow's UI, which sorts nested runs
+        # by start time, lists them in DAG order; the end time moves as much (`_shift`)
+        opened = max(started_ms, self._last_start + 1)
+        self._last_start = opened
+        if opened != started_ms:
+            self._shift[stage] = opened - started_ms
+        child = self.client.create_run(self.experiment_id, start_time=opened, tags=tags)
         self.stage_runs[stage] = child.info.run_id
         self._artifact_uris[stage] = child.info.artifact_uri
-        self._open[stage] = started_ms
+        self._open[stage] = opened
+        consumed = [self.model_ids[n] for n in self._model_inputs(stage) if n in self.model_ids]
+        if consumed:  # MLflow 3: the run's "Logged models" list the models it applied
+            from mlflow.entities import LoggedModelInput
+
+            self.client.log_inputs(
+                child.info.run_id, models=[LoggedModelInput(m) for m in consumed]
+            )
 
     def _close_stage(self, event: StageEvent, ended_ms: int) -> None:
         """Params, metrics, model version, promotion, then the run's final status.
@@ -492,14 +450,16 @@ class MlflowObserver(Observer):
             self._open_stage(stage, ended_ms - int(seconds * 1000), tags)
             tags = {}
         run_id = self.stage_runs[stage]
+        ended_ms += self._shift.pop(stage, 0)  # as far as its start moved (`_open_stage`)
         client = self.client
         metrics: dict[str, float] = {}
+        scores: dict[str, float] = {}  # also metrics of the models it evaluates
         if event.duration is not None:
             metrics["duration_s"] = float(event.duration)
             self._parent_metrics[f"{stage}.duration_s"] = float(event.duration)
         if passed:
             for name, value in self._metrics(event, meta, spec.metrics).items():
-                metrics[name] = value
+                scores[name] = value
                 self._parent_metrics[f"{stage}.{name}"] = value
         else:
             error = event.error
@@ -531,8 +491,19 @@ class MlflowObserver(Observer):
             if source_run and source_run != run_id:
                 tags[tag.CACHE_SOURCE_RUN] = source_run
         params = flatten_params(spec.params, f"{stage}.", self._secrets)
+        evaluated = [
+            self.model_ids[n] for n in self._model_inputs(stage, True) if n in self.model_ids
+        ]
         try:
-            log_batch(client, run_id, params=params, metrics=metrics, tags=tags)
+            log_batch(
+                client,
+                run_id,
+                params=params,
+                metrics=metrics,
+                tags=tags,
+                model_metrics=scores,
+                model_ids=evaluated,
+            )
         finally:  # a rejected value must not leave the run RUNNING
             client.set_terminated(run_id, "FINISHED" if passed else "FAILED", end_time=ended_ms)
             self._open.pop(stage, None)
@@ -560,6 +531,27 @@ class MlflowObserver(Observer):
             name: self.versions[name] for name in self._ancestors[stage] if name in self.versions
         }
 
+    def _model_inputs(self, stage: str, nearest: bool = False) -> list[str]:
+        """Model stages whose outputs `stage` takes as inputs: the models it applies. With
+        `nearest`, without those upstream of another one: the models its metrics are of
+        (`evaluate` <- `train`, not also the `features` that `train` was fitted on)."""
+        run = self._run
+        assert run is not None
+        stages = run.spec.stages
+        direct = dict.fromkeys(
+            name
+            for ref in stages[stage].inputs.values()
+            for name in ref.sources
+            if name in stages and stages[name].model
+        )
+        if not nearest or len(direct) < 2:
+            return list(direct)
+        return [
+            name
+            for name in direct
+            if not any(other != name and name in run.graph.upstream([other]) for other in direct)
+        ]
+
     def _model_version(self, stage: str, event: StageEvent, run_id: str) -> tuple[str, str, str]:
         """Register the stage output, or find the version its cache entry already produced:
         (registered model, version, the run that logged it)."""
@@ -572,6 +564,8 @@ class MlflowObserver(Observer):
             found = version_for_cache_key(client, name, str(cache_key))
             if found is not None:
                 self.versions[stage] = (name, found[0])
+                if found[2]:
+                    self.model_ids[stage] = found[2]
                 self._examples.add(stage, load=event.meta.get("load"))
                 return name, found[0], found[1]
         output = event.output
@@ -580,22 +574,35 @@ class MlflowObserver(Observer):
             if load is None:
                 raise ValueError("the cached output is not available to log")
             output = load()
-        example = self._examples.input_for(stage, output)  # None: logged without signature
-        flavor = log_model(client, run_id, self._artifact_uris[stage], output, example)
+        spec = run.spec.stages[stage]
         tags = {
             tag.PIPELINE: run.name,
             tag.STAGE: stage,
             tag.PARENT_RUN_ID: self.parent_run_id or "",
             tag.RUN_ID: run.run_id,
             tag.CONFIG_HASH: self._hash,
-            tag.FLAVOR: flavor,
         }
         if cache_key:
             tags[tag.CACHE_KEY] = str(cache_key)
-        for upstream, (model, version) in self._upstream_versions(stage).items():
-            tags[tag.upstream(upstream)] = f"{model}/{version}"
-        source = f"{self._artifact_uris[stage].rstrip('/')}/model"
-        created = register(client, name, source, run_id, tags, run.spec.stages[stage])
+        # the input example: what serving feeds the model (the serve section), else a few
+        # rows of what the stage received (`_sampled`); neither: no signature
+        inputs = event.meta.get("input_examples") if isinstance(event.meta, Mapping) else None
+        flavor, model = log_model(
+            client,
+            run_id,
+            str(self.experiment_id),
+            stage,
+            output,
+            input_example=self._examples.input_for(stage, output),
+            candidates=inputs,
+            tags=tags,
+            params=flatten_params(spec.params, "", self._secrets),
+        )
+        self.model_ids[stage] = model.model_id
+        tags = {**tags, tag.FLAVOR: flavor, tag.MODEL_ID: model.model_id}
+        for upstream, (upstream_model, version) in self._upstream_versions(stage).items():
+            tags[tag.upstream(upstream)] = f"{upstream_model}/{version}"
+        created = register(client, name, model.artifact_location, run_id, tags, spec, model)
         version = str(created.version)
         self.versions[stage] = (name, version)
         keep = run.spec.section("tracking").get("keep_versions")  # retention (promotion.py)

@@ -1,10 +1,11 @@
-"""MLflow's import started early, on a daemon thread, for a run that will be tracked.
+"""MLflow's import started early, on a daemon thread, for a run tracked from a thread.
 
-Importing MLflow and its SQL stores costs one to two seconds of CPU; a tracked `pipekit
-run` otherwise pays it inside the run, after the config is composed. Started as soon as
-the composed config says tracking is on, it overlaps with validation (importing the
-stages' targets) and the first stages. Nothing is opened or written here: the writer
-thread (`observer._Writer`) still opens the store, and simply finds the modules loaded.
+Importing MLflow and its SQL stores costs one to two seconds of CPU. `pipekit run` imports
+it in its writer process (`writer.py`) and never here; with `PIPEKIT_TRACKING_WRITER=thread`
+it starts this import instead, before composing the config, so it overlaps with
+composition, validation (importing the stages' targets) and the first stages. Nothing is
+opened or written here: the writer thread (`writer.ThreadWriter`) still opens the store,
+and simply finds the modules loaded.
 """
 
 from __future__ import annotations

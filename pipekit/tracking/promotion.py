@@ -29,7 +29,7 @@ from ..core.promotion import metric_source
 from ..core.spec import PipelineSpec
 from ..errors import PromotionError
 from . import tags as tag
-from .client import key, store_lock
+from .client import forget_version, key, store_lock
 from .settings import sqlite_file
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def prune_versions(
                 number = str(old.version)
                 if number in held or getattr(old, "aliases", None) or _running(client, old):
                     continue
-                client.delete_model_version(model, number)
+                forget_version(client, old)  # and its logged model
                 deleted.append(number)
     except Exception as exc:  # retention must never cost the run its model
         message = f"{model}: retention (tracking.keep_versions={keep}) failed: {exc}"
