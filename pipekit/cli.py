@@ -112,20 +112,21 @@ def _run(pipeline: Pipeline, args: argparse.Namespace) -> int:
 def _tracked_where(tracking: dict[str, str]) -> str:
     """Where the MLflow run is and how to open it: links to the parent run and to the
     experiment in the UI's "Model training" view, or the `mlflow ui` command first."""
-    from .tracking.client import ui_links
+    from .tracking.client import LOCAL_UI, ui_base, ui_links
 
     uri, experiment, run = (
         tracking["mlflow_uri"],
         tracking["mlflow_experiment_id"],
         tracking["mlflow_run_id"],
     )
-    if uri.startswith(("http://", "https://")):
-        experiment_url, run_url = ui_links(uri, experiment, run)
+    base = ui_base(uri)
+    if base is not None:
+        experiment_url, run_url = ui_links(base, experiment, run)
         return f"tracked in MLflow run {run}: {run_url} (experiment: {experiment_url})"
-    _, run_url = ui_links("http://127.0.0.1:5000", experiment, run)  # `mlflow ui`'s address
+    _, run_url = ui_links(LOCAL_UI, experiment, run)  # `mlflow ui`'s address
     return (
-        f"tracked in MLflow run {run} ({uri}); browse: mlflow ui --backend-store-uri {uri}, "
-        f"then {run_url}"
+        f"tracked in MLflow run {run} ({uri}) at {run_url}; "
+        f"browse: mlflow ui --backend-store-uri {uri}"
     )
 
 

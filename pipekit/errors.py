@@ -7,7 +7,7 @@ All messages go through `where()` so they share one shape, e.g.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 
 def where(pipeline: str | None, stage: str | None = None, key: str | None = None) -> str:
@@ -26,6 +26,32 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest candidate, or ''."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_keys(
+    given: Iterable[object],
+    allowed: Collection[str],
+    error_class: Callable[[str], Exception],
+    at: str,
+    hint: str | Callable[[str], str] = "",
+    *,
+    noun: str | None = None,
+) -> None:
+    """Raise `error_class` for the first key of `given` not in `allowed`: the one shape of
+    a config's key checks, `<at>: unknown key 'k' (did you mean 'x'?); known: a, b`, or
+    with `noun` (`at` then being the section's override path, e.g. `tracking`)
+    `<at>.k is not <noun> (did you mean 'x'?); known: a, b`. `hint` (or `hint(key)`)
+    follows after '; ' when not empty."""
+    for key in given:
+        if key in allowed:
+            continue
+        name = str(key)
+        head = f"{at}.{name} is not {noun}" if noun else f"{at}: unknown key '{name}'"
+        more = hint(name) if callable(hint) else hint
+        raise error_class(
+            f"{head}{did_you_mean(name, allowed)}; known: {', '.join(allowed)}"
+            + (f"; {more}" if more else "")
+        )
 
 
 class PipekitError(Exception):

@@ -285,8 +285,18 @@ class SweepResult(Sequence[dict[str, Any]]):
         return list(found)
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, run_links: Mapping[int, str] | None = None) -> str:
+        """The table as text; with `run_links` (job number -> the URL of its MLflow parent
+        run, which holds the run id) the `mlflow_run_id` column shows those links."""
         columns = self.columns()
         rows = [columns] + [[_cell(r.get(c)) for c in columns] for r in self.rows]
+        if run_links and "mlflow_run_id" in columns:
+            at = columns.index("mlflow_run_id")
+            rows[0] = [*columns[:at], "mlflow_run", *columns[at + 1 :]]
+            for row, line in zip(self.rows, rows[1:], strict=True):
+                line[at] = run_links.get(row["job"], line[at])
         head = (
             f"sweep {self.sweep_id[:8]}: {len(self.jobs)} jobs in one graph of {self.tasks} "
             f"tasks ({self.shared} stages computed once for several jobs)"
@@ -763,6 +773,7 @@ def run_cli(
 
     `flags` are the command's own options as typed (for the line that reruns one job)."""
     from .config import command_line
+    from .core.redact import scrub
     from .display.progress import TextProgress
 
     jobs, swept = job_overrides(overrides)
@@ -798,7 +809,7 @@ def run_cli(
         print(f"# job #{job.number} {shown}".rstrip())
         for stage, values in (job.result.metrics() if job.result is not None else {}).items():
             print(f"{stage}: {' '.join(f'{k}={v:.4g}' for k, v in values.items())}")
-    print(result)
+    print(result.text(_run_links(result.jobs)))
     if result.metric and result.best is None:
         known = sorted({k for j in result.jobs for k in j.metrics()})
         sys.stderr.write(
@@ -812,13 +823,52 @@ def run_cli(
         if errors:
             first = str(next(iter(errors.values()))).splitlines()[0]
             sys.stderr.write(f"pipekit: error: sweep job #{job.number}: {first}\n")
-    tracked = [job.tracking for job in result.jobs if job.tracking]
-    if tracked and not quiet:
-        sys.stderr.write(
-            f"pipekit: tracked {len(tracked)} parent runs tagged pipekit.sweep_id="
-            f"{result.sweep_id} ({tracked[0]['mlflow_uri']})\n"
-        )
+    if not quiet:
+        for line in _tracked_lines(result):
+            sys.stderr.write(f"pipekit: {scrub(line)}\n")
     return 1 if failed else 0
+
+
+def _run_links(jobs: Sequence[SweepJob]) -> dict[int, str]:
+    """Job number -> its MLflow parent run's page in the UI's "Model training" view (the
+    links `pipekit run` closes with: a server's own UI, else `mlflow ui`'s address)."""
+    from .core.redact import scrub  # URL passwords stay out of terminals and CI logs
+    from .tracking.client import LOCAL_UI, ui_base, ui_links
+
+    links = {}
+    for job in jobs:
+        where = job.tracking
+        if where.get("mlflow_run_id"):
+            base = ui_base(where["mlflow_uri"]) or LOCAL_UI
+            _, url = ui_links(base, where["mlflow_experiment_id"], where["mlflow_run_id"])
+            links[job.number] = scrub(url)
+    return links
+
+
+def _tracked_lines(result: SweepResult) -> list[str]:
+    """One closing line per MLflow experiment the jobs went to (one, unless the sweep
+    varies the experiment): its runs table in the "Model training" view."""
+    from .tracking.client import LOCAL_UI, ui_base, ui_links
+
+    runs: dict[tuple[str, str], list[str]] = {}
+    for job in result.jobs:
+        where = job.tracking
+        if where.get("mlflow_run_id"):
+            at = (where["mlflow_uri"], where["mlflow_experiment_id"])
+            runs.setdefault(at, []).append(where["mlflow_run_id"])
+    lines = []
+    for (uri, experiment), ids in runs.items():
+        base = ui_base(uri)
+        url = ui_links(base or LOCAL_UI, experiment, ids[0])[0]
+        said = (
+            f"tracked {len(ids)} parent runs tagged pipekit.sweep_id={result.sweep_id} in "
+            f"MLflow experiment {experiment}"
+        )
+        if base is not None:
+            lines.append(f"{said}: {url}")
+        else:
+            lines.append(f"{said} ({uri}) at {url}; browse: mlflow ui --backend-store-uri {uri}")
+    return lines
 
 
 class _CallableModule(types.ModuleType):

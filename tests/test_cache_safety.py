@@ -464,11 +464,19 @@ def test_a_cached_rerun_with_tracking_does_not_unpickle_a_big_output(
     env = {**cli_env, "HEAVY_LOADS": str(loads)}
     env.pop("MLFLOW_TRACKING_URI", None)
     args = ["run", "-cd", "conf", "pipeline=heavy", "tracking=local", f"tracking.uri={uri}"]
-    for attempt in ("computes", "cached"):
+
+    # the run that computes hands the model to the MLflow writer process, which loads it
+    # once to log it; the cached run loads nothing (its version is found by cache key)
+    def loaded() -> int:
+        return len(loads.read_text().split()) if loads.exists() else 0
+
+    for attempt, allowed in (("computes", 1), ("cached", 0)):
+        before = loaded()
         proc = run_pipekit(*args, env=env, cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "size: megabytes=50" in proc.stdout  # metrics printed, also when cached
-        assert not loads.exists(), f"the run that {attempt} unpickled the 50 MB output"
+        assert loaded() - before <= allowed, f"the run that {attempt} unpickled the output"
+    loads.unlink(missing_ok=True)
     assert "2 cached" in proc.stderr and "tracked in MLflow run" in proc.stderr
 
     # the Python door: nothing loaded by the run, exactly one load when the caller reads it

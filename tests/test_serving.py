@@ -270,6 +270,20 @@ def test_export_registers_one_model_with_signature_and_pins(store):
     assert version.tags["pipekit.upstream.features"] == "cancer.features/1"
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"  # the export's run is never left RUNNING
+    # an MLflow 3 logged model of the export's run (the experiment's Models tab), which the
+    # version points at, tagged with the pins like the version
+    model_id = version.tags["pipekit.model_id"]
+    assert model_id.startswith("m-") and version.source == f"models:/{model_id}"
+    listed = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    logged = {m.model_id: m for m in listed}[model_id]
+    assert (logged.name, logged.source_run_id, str(logged.status)) == (
+        "serving",
+        version.run_id,
+        "READY",
+    )
+    assert logged.tags["pipekit.upstream.train"] == "cancer.train/1"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+    assert client.get_model_version_download_uri("cancer.serving", "1") == logged.artifact_location
     info = model_info(client, "cancer.serving", 1)
     inputs = info.signature.inputs.input_names()
     assert inputs == list(request_example().columns)  # the 30 features, from serve.example

@@ -115,6 +115,40 @@ def test_cli_multirun_runs_one_merged_graph(user_conf, cli_env, tmp_path):
     assert "best: job #1 stages.c.params.value=1 (c.total=11, min)" in proc.stdout
 
 
+def test_cli_sweep_links_the_experiment_once_and_each_jobs_parent_run(user_conf, cli_env, tmp_path):
+    """As `pipekit run` closes: links in the MLflow UI's "Model training" view."""
+    from mlflow import MlflowClient
+
+    conf = write_pipeline(user_conf, tmp_path / "log")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_pipekit(
+        "run", "-cd", str(conf), "pipeline=sw", "tracking=local", f"tracking.uri={store}",
+        "cache=off", "-m", "stages.c.params.value=5,1",
+        env=cli_env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("sw").experiment_id
+    parents = client.search_runs([experiment], "tags.`pipekit.sweep_id` != ''")
+    assert len(parents) == 2
+    job_run = {int(p.data.tags["pipekit.sweep_job"].split(":")[0]): p for p in parents}
+    view = "workflowType=machine_learning"
+    runs_table = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs"
+    sweep_id = parents[0].data.tags["pipekit.sweep_id"]
+    closing = [line for line in proc.stderr.splitlines() if "parent runs tagged" in line]
+    assert closing == [
+        f"pipekit: tracked 2 parent runs tagged pipekit.sweep_id={sweep_id} in MLflow "
+        f"experiment {experiment} ({store}) at {runs_table}?{view}; "
+        f"browse: mlflow ui --backend-store-uri {store}"
+    ]
+    table = proc.stdout[proc.stdout.index("sweep ") :].splitlines()
+    assert table[1].split()[-1] == "mlflow_run"
+    for number, run in job_run.items():
+        row = table[2 + number].split()
+        assert row[0] == str(number)
+        assert row[-1] == f"{runs_table}/{run.info.run_id}?{view}"  # the job's own run
+
+
 def test_cli_sweep_with_an_unknown_metric_is_a_config_error(user_conf, cli_env, tmp_path):
     conf = write_pipeline(user_conf, tmp_path / "log")
     proc = run_pipekit(

@@ -845,9 +845,9 @@ def test_cli_run_says_where_the_run_was_tracked(store, tmp_path, cli_env):
     parent = MlflowClient(store).get_run(run_id)  # the parent run itself
     experiment = parent.info.experiment_id
     assert line == (
-        f"pipekit: tracked in MLflow run {run_id} ({store}); "
-        f"browse: mlflow ui --backend-store-uri {store}, then http://127.0.0.1:5000/#/"
-        f"experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+        f"pipekit: tracked in MLflow run {run_id} ({store}) at http://127.0.0.1:5000/#/"
+        f"experiments/{experiment}/runs/{run_id}?workflowType=machine_learning; "
+        f"browse: mlflow ui --backend-store-uri {store}"
     )
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
     assert parent.data.tags["pipekit.pipeline"] == "cancer"

@@ -48,6 +48,7 @@ from ..errors import (
     TargetImportError,
     UnknownKeyError,
     UnknownStageError,
+    check_keys,
     did_you_mean,
     where,
 )
@@ -269,12 +270,7 @@ def _keys_of(
     key = f"stages.{name}.foreach"
     at = where(pipeline, key=key)
     forms = "foreach: {keys_of: <stage>} or a list, foreach: [eu, us]"
-    for item in raw:
-        if item not in FOREACH_KEYS:
-            raise UnknownKeyError(
-                f"{at}: unknown key '{item}'{did_you_mean(str(item), FOREACH_KEYS)}; the "
-                f"mapping form takes {', '.join(FOREACH_KEYS)}: {forms}"
-            )
+    check_keys(raw, FOREACH_KEYS, UnknownKeyError, at, f"e.g. {forms}")
     upstream = raw.get("keys_of")
     if not isinstance(upstream, str) or not upstream:
         raise ConfigTypeError(

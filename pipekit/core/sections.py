@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ..errors import (
@@ -23,6 +24,7 @@ from ..errors import (
     ExecutorConfigError,
     SweepError,
     TrackingConfigError,
+    check_keys,
     did_you_mean,
     where,
 )
@@ -334,9 +336,10 @@ def checked(pipeline: str | None, name: str, section: Any) -> dict[str, Any]:
         else:
             backend = schema.absent
     allowed = schema.keys_for(backend)
-    for key in section:
-        if key not in allowed:
-            raise schema.error(_unknown_key(pipeline, schema, str(key), backend, allowed))
+    per_backend = backend is not None and any(s.backends for s in schema.settings.values())
+    noun = f"a setting of the '{backend}' backend" if per_backend else schema.noun
+    at = where(pipeline, key=schema.name)
+    check_keys(section, allowed, schema.error, at, partial(_other_backend, schema), noun=noun)
     values: dict[str, Any] = {}
     for key in allowed:
         setting = schema.settings[key]
@@ -399,20 +402,14 @@ def _unknown_value(pipeline: str | None, key: str, value: str, choices: tuple[st
     )
 
 
-def _unknown_key(
-    pipeline: str | None, schema: Section, key: str, backend: str | None, allowed: list[str]
-) -> str:
-    per_backend = backend is not None and any(s.backends for s in schema.settings.values())
-    noun = f"a setting of the '{backend}' backend" if per_backend else schema.noun
-    message = (
-        f"{where(pipeline, key=f'{schema.name}.{key}')} is not {noun}"
-        f"{did_you_mean(key, allowed)}; known: {', '.join(allowed)}"
-    )
+def _other_backend(schema: Section, key: str) -> str:
+    """For an unknown key that is a setting of another backend: which one, and how to
+    pick it; else ''."""
     setting = schema.settings.get(key)
-    if setting is not None and setting.backends:  # a key of another backend
-        other = setting.backends[0]
-        message += f" ({key} is a setting of the '{other}' backend: `{schema.name}={other}`)"
-    return message
+    if setting is None or not setting.backends:
+        return ""
+    other = setting.backends[0]
+    return f"{key} is a setting of the '{other}' backend: pick it with `{schema.name}={other}`"
 
 
 def _shown(value: Any) -> str:

@@ -29,6 +29,7 @@ from ..errors import (
     SignatureError,
     TargetImportError,
     UnknownStageError,
+    check_keys,
     did_you_mean,
     where,
 )
@@ -179,12 +180,9 @@ def parse_serve(pipeline: str, section: Any) -> ServeSpec | None:
             f"{where(pipeline, key='serve')} must be a mapping with 'stages' (the inference "
             f"DAG), got {type(section).__name__} {section!r}"
         )
-    for key in section:
-        if key not in SERVE_KEYS:
-            raise ServeConfigError(
-                f"{where(pipeline, key=f'serve.{key}')} is not a serve setting"
-                f"{did_you_mean(str(key), SERVE_KEYS)}; known: {', '.join(SERVE_KEYS)}"
-            )
+    check_keys(
+        section, SERVE_KEYS, ServeConfigError, where(pipeline, key="serve"), noun="a serve setting"
+    )
     raw = section.get("stages")
     if not isinstance(raw, Mapping) or not raw:
         got = "nothing" if not raw else f"{type(raw).__name__} {raw!r}"
@@ -240,18 +238,15 @@ def _parse_stage(pipeline: str, name: str, raw: Any) -> ServeStage:
         )
     is_model = "model" in raw
     known = MODEL_STAGE_KEYS if is_model else FUNCTION_STAGE_KEYS
-    for key in raw:
-        if key not in known:
-            hint = ""
-            if is_model and key == "inputs":
-                hint = f" (a model stage takes one `input:`, e.g. input: {REQUEST})"
-            elif not is_model and key in MODEL_STAGE_KEYS:
-                hint = " (that is a key of model stages, which have `model:`)"
-            raise ServeConfigError(
-                f"{_at(pipeline, name)}: unknown key '{key}'{did_you_mean(str(key), known)}"
-                f"{hint}; a {'model' if is_model else 'function'} stage may have "
-                f"{', '.join(known)}"
-            )
+
+    def hint(key: str) -> str:
+        if is_model and key == "inputs":
+            return f"a model stage takes one `input:`, e.g. input: {REQUEST}"
+        if not is_model and key in MODEL_STAGE_KEYS:
+            return "that is a key of model stages, which have `model:`"
+        return ""
+
+    check_keys(raw, known, ServeConfigError, _at(pipeline, name), hint)
     description = raw.get("description") or ""
     if not isinstance(description, str):
         raise ServeConfigError(f"{_at(pipeline, name, 'description')} must be a string")
@@ -379,12 +374,8 @@ def _example(pipeline: str, raw: Any) -> Example | None:
             f"{where(pipeline, key='serve.example')} must be a mapping with '_target_' (a "
             f"callable returning example request rows) and optional 'params', got {raw!r}"
         )
-    for key in raw:
-        if key not in EXAMPLE_KEYS:
-            raise ServeConfigError(
-                f"{where(pipeline, key=f'serve.example.{key}')} is not a key of the example"
-                f"{did_you_mean(str(key), EXAMPLE_KEYS)}; known: {', '.join(EXAMPLE_KEYS)}"
-            )
+    at = where(pipeline, key="serve.example")
+    check_keys(raw, EXAMPLE_KEYS, ServeConfigError, at, noun="a key of the example")
     params = raw.get("params") or {}
     if not isinstance(params, Mapping):
         raise ServeConfigError(

@@ -19,6 +19,7 @@ from ..errors import (
     PromotionConfigError,
     StageNameError,
     UnknownKeyError,
+    check_keys,
     did_you_mean,
     where,
 )
@@ -195,12 +196,7 @@ def _parse_stage(
             f"{where(pipeline, name)}: must be a mapping with a '_target_', "
             f"got {type(raw).__name__} {raw!r}"
         )
-    for key in raw:
-        if key not in STAGE_KEYS:
-            raise UnknownKeyError(
-                f"{where(pipeline, name)}: unknown key '{key}'{did_you_mean(str(key), STAGE_KEYS)}; "
-                f"a stage may have {', '.join(STAGE_KEYS)}"
-            )
+    check_keys(raw, STAGE_KEYS, UnknownKeyError, where(pipeline, name))
     target = raw.get("_target_")
     if not isinstance(target, str) or not target:
         raise ConfigTypeError(
@@ -289,12 +285,7 @@ def _cache(pipeline: str, name: str, raw: Any) -> tuple[bool, float | None]:
             f"{where(pipeline, name, 'cache')}: stages.{name}.cache must be true, false or "
             f"{{ttl: <duration>}}, got {type(raw).__name__} {raw!r}; {hint}"
         )
-    for key in raw:
-        if key != "ttl":
-            raise UnknownKeyError(
-                f"{where(pipeline, name, 'cache')}: unknown key '{key}' in stages.{name}.cache"
-                f"{did_you_mean(str(key), ['ttl'])}; {hint}"
-            )
+    check_keys(raw, ("ttl",), UnknownKeyError, where(pipeline, key=f"stages.{name}.cache"), hint)
     from .text import parse_duration
 
     value = raw.get("ttl")
@@ -336,12 +327,8 @@ def _promote(pipeline: str, name: str, raw: Any) -> tuple[str | None, str | None
             f"{where(pipeline, key=key)} must be an alias name or a mapping "
             f"({', '.join(PROMOTE_KEYS)}), got {type(raw).__name__} {raw!r}; {hint}"
         )
-    for item in raw:
-        if item not in PROMOTE_KEYS:
-            raise PromotionConfigError(
-                f"{where(pipeline, key=f'{key}.{item}')} is not a promote setting"
-                f"{did_you_mean(str(item), PROMOTE_KEYS)}; known: {', '.join(PROMOTE_KEYS)}"
-            )
+    at = where(pipeline, key=key)
+    check_keys(raw, PROMOTE_KEYS, PromotionConfigError, at, noun="a promote setting")
     alias, metric, mode = raw.get("alias"), raw.get("metric"), raw.get("mode", "max")
     if not isinstance(alias, str) or not alias.strip():
         raise PromotionConfigError(

@@ -363,10 +363,10 @@ def outcome_event(
 
 def scheduler_get(scheduler: str) -> Callable[..., Any]:
     """The `get` function of a local Dask scheduler."""
-    if scheduler == "sync":  # in order in this thread; other graphs: get_sync (run/inline.py)
-        from .inline import get
+    if scheduler == "sync":
+        from dask.local import get_sync
 
-        return get
+        return get_sync
     if scheduler == "threads":
         from dask.threaded import get
 

@@ -1,11 +1,13 @@
-"""`pipekit export mlflow`: the inference DAG logged as one MLflow pyfunc, registered as
-`<pipeline>.serving`, its alias moved to the new version.
+"""`pipekit export mlflow`: the inference DAG logged as one MLflow pyfunc, an MLflow 3
+logged model named `serving` (in the experiment's Models tab, made by the export's run),
+registered as `<pipeline>.serving` (the version points at the logged model, as a model
+stage's does: `tracking.client.log_saved_model`, `register`), its alias moved to it.
 
 The export pins one registered version per model stage (`registry.resolve_pins`), copies
 those models into the new model's `artifacts/`, runs the DAG on `serve.example` to infer
 the signature (so MLflow's schema enforcement rejects requests with missing columns or
 wrong types), and records the pins three ways: the version's `pipekit.upstream.<stage>`
-tags (so `pipekit lineage` walks through it), `serving.json` beside the model, and the
+tags (so `pipekit lineage` walks through it), `serving.json` on the export's run, and the
 MLmodel's metadata (so a server can say which stage versions answer).
 """
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import types
@@ -120,7 +121,7 @@ def _log(
     uri: str,
     alias: str | None,
 ) -> Exported:
-    from ..tracking.client import experiment_id, local_path, log_text, register
+    from ..tracking.client import experiment_id, log_saved_model, log_text, register
     from ..tracking.observer import config_hash
     from ..tracking.settings import settings_from_config
     from .model import ServingModel, load_stage_model
@@ -172,37 +173,28 @@ def _log(
                 "serve": spec.config["serve"],
                 "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
-            local = local_path(artifact_uri)
-            where_to = tempfile.mkdtemp(prefix=".model-", dir=_made(local)) if local else tmp
-            try:
-                _save(
-                    os.path.join(where_to, "model"),
-                    python_model,
-                    stage_dirs,
-                    example,
-                    output,
-                    record,
-                )
-                if local:
-                    os.replace(os.path.join(where_to, "model"), os.path.join(local, "model"))
-                else:
-                    client.log_artifacts(run_id, os.path.join(where_to, "model"), "model")
-            finally:
-                if local:
-                    shutil.rmtree(where_to, ignore_errors=True)
+
+            def save(path: str, meta: Any) -> str:
+                _save(path, python_model, stage_dirs, example, output, record, meta)
+                return "pyfunc"
+
+            version_tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
+            _, model = log_saved_model(
+                client, run_id, experiment, "serving", save, tags=version_tags
+            )
         log_text(client, run_id, artifact_uri, json.dumps(record, indent=2), "serving.json")
         description = types.SimpleNamespace(
             description=f"The inference DAG of pipeline '{spec.name}' (pipekit export mlflow)"
         )
-        version_tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
-        version_tags[tag.FLAVOR] = "pyfunc"
+        version_tags.update({tag.FLAVOR: "pyfunc", tag.MODEL_ID: model.model_id})
         created = register(
             client,
             serve.model_name,
-            f"{artifact_uri.rstrip('/')}/model",
+            model.artifact_location,
             run_id,
             version_tags,
             description,
+            model,
         )
         version = str(created.version)
         if alias:
@@ -242,6 +234,7 @@ def _save(
     example: Any,
     output: Any,
     record: Mapping[str, Any],
+    mlflow_model: Any = None,
 ) -> None:
     import mlflow.pyfunc
     from mlflow.models import infer_signature
@@ -259,10 +252,5 @@ def _save(
             input_example=example,
             pip_requirements=requirements(["mlflow", "pandas", "scikit-learn", "cloudpickle"]),
             metadata={METADATA_KEY: dict(record)},
+            mlflow_model=mlflow_model,
         )
-
-
-def _made(path: str | None) -> str | None:
-    if path is not None:
-        os.makedirs(path, exist_ok=True)
-    return path

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -309,6 +309,29 @@ def log_model(
     in place (atomically renamed into the model's `artifacts/`); other stores get them
     uploaded from a temporary directory.
     """
+
+    def save(path: str, meta: Any) -> str:
+        return save_model(output, path, input_example, candidates=candidates, mlflow_model=meta)
+
+    return log_saved_model(client, run_id, experiment, name, save, tags=tags, params=params)
+
+
+def log_saved_model(
+    client: Any,
+    run_id: str,
+    experiment: str,
+    name: str,
+    save: Callable[[str, Any], str],
+    *,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> tuple[str, Any]:
+    """A logged model of `experiment` made by run `run_id` whose files `save(path,
+    mlflow_model)` writes (an MLflow model directory at `path`, with `mlflow_model` as its
+    MLmodel; it returns the flavour); (flavour, the LoggedModel). `log_model` for a stage
+    output; `pipekit export mlflow` for the inference DAG's pyfunc. PENDING, then READY
+    (FAILED when `save` raises, the error re-raised), atomic as `log_model` says.
+    """
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
@@ -326,7 +349,7 @@ def log_model(
         model_id=model.model_id,
     )
     try:
-        flavor = _save_logged(client, model, output, input_example, candidates, meta)
+        flavor = _save_logged(client, model, save, meta)
     except BaseException:
         try:
             client.finalize_logged_model(model.model_id, "FAILED")
@@ -338,20 +361,13 @@ def log_model(
     return flavor, model
 
 
-def _save_logged(
-    client: Any,
-    model: Any,
-    output: Any,
-    example: Any,
-    candidates: Mapping[str, Any] | None,
-    meta: Any,
-) -> str:
-    """Save `output` into the logged model's artifact location; the flavour."""
+def _save_logged(client: Any, model: Any, save: Callable[[str, Any], str], meta: Any) -> str:
+    """Save the model (`save`) into the logged model's artifact location; the flavour."""
     local = local_path(model.artifact_location)
     if local is None:
         with tempfile.TemporaryDirectory(prefix="pipekit-model-") as tmp:
             where = os.path.join(tmp, "model")
-            flavor = save_model(output, where, example, candidates=candidates, mlflow_model=meta)
+            flavor = save(where, meta)
             client.log_model_artifacts(model.model_id, where)
         return flavor
     parent = os.path.dirname(local.rstrip(os.sep))
@@ -359,7 +375,7 @@ def _save_logged(
     tmp = tempfile.mkdtemp(prefix=".model-", dir=parent)
     try:
         where = os.path.join(tmp, "model")
-        flavor = save_model(output, where, example, candidates=candidates, mlflow_model=meta)
+        flavor = save(where, meta)
         os.replace(where, local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -598,6 +614,16 @@ def ui_links(base: str, experiment: str, run: str) -> tuple[str, str]:
     the "Model training" view (`TRAINING_VIEW`)."""
     root = f"{base.rstrip('/')}/#/experiments/{experiment}/runs"
     return f"{root}?{TRAINING_VIEW}", f"{root}/{run}?{TRAINING_VIEW}"
+
+
+#: Where `mlflow ui --backend-store-uri <store>` serves a store that is no server.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_base(uri: str) -> str | None:
+    """The MLflow UI of tracking store `uri` when it is a server (the server itself), else
+    None: a local store is browsed with `mlflow ui --backend-store-uri <uri>` (`LOCAL_UI`)."""
+    return uri if uri.startswith(("http://", "https://")) else None
 
 
 def _import_stores() -> None:

@@ -155,7 +155,7 @@ class MlflowObserver(Observer):
 
     It never asks for cached outputs: metrics of a cached stage come from its cache
     manifest, its model version from the registry (tagged with the cache key), and only a
-    cached model stage without any version loads its output, on the writer thread.
+    cached model stage without any version loads its output, in the writer.
     """
 
     wants_outputs = False

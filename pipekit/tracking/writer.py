@@ -316,7 +316,7 @@ class ProcessWriter:
         self.uri = observer.uri
         self.failures: list[str] = []
         self.gone: str | None = None
-        #: run id -> (parent run id or None, stage or None), as the child created them
+        #: run id -> (parent run id or None, stage or None, experiment id), as created
         self.created: dict[str, tuple[str | None, str | None, str]] = {}
         self.ended: set[str] = set()
         self._results: dict[str, Any] | None = None
