@@ -30,7 +30,7 @@ demo: setup
 test: setup airflow
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile  # two workers, one test file each at a time
 
 lint:
 	$(BIN)/ruff check .
