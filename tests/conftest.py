@@ -47,6 +47,23 @@ def make(stages: dict[str, Any], name: str = "t", **top: Any) -> pk.Pipeline:
     return pk.Pipeline.from_config({"name": name, "stages": fixed, **top})
 
 
+def local_cluster(request: pytest.FixtureRequest, workers: int) -> Any:
+    """A real dask.distributed LocalCluster of `workers` processes (one thread each) on
+    127.0.0.1, no dashboard port clash, closed when the requesting fixture's scope ends."""
+    from distributed import LocalCluster
+
+    local = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        silence_logs=40,
+    )
+    request.addfinalizer(local.close)
+    return local
+
+
 @pytest.fixture
 def pipeline_from():
     return make

@@ -8,23 +8,12 @@ import threading
 import time
 
 import pytest
-from conftest import make
+from conftest import local_cluster, make
 
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    from distributed import LocalCluster
-
-    local = LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        silence_logs=40,
-    )
-    request.addfinalizer(local.close)
-    return local
+    return local_cluster(request, workers=1)
 
 
 def clients(cluster) -> set[str]:

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import make
+from conftest import local_cluster, make
 
 import pipekit as pk
 from pipekit.core.events import Observer
@@ -17,19 +17,8 @@ from pipekit.errors import ClusterError
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    """Two worker processes, one thread each, no dashboard; closed after the module."""
-    from distributed import LocalCluster
-
-    local = LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        silence_logs=40,
-    )
-    request.addfinalizer(local.close)
-    return local
+    """Two worker processes, one thread each; closed after the module."""
+    return local_cluster(request, workers=2)
 
 
 def on(cluster, **extra):

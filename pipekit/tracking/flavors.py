@@ -65,8 +65,8 @@ def save_model(
             f"the {type(obj).__name__} output cannot be pickled ({exc}); a model stage "
             f"must return a picklable object"
         ) from exc
-    with warnings.catch_warnings(), quiet("mlflow.models.model"):
-        warnings.simplefilter("ignore", UserWarning)  # "add type hints": obj decides the input
+    # MLflow's notice that a python_model object is cloudpickled: that is the point here
+    with quiet("mlflow.models.model"), quiet("mlflow.pyfunc"):
         mlflow.pyfunc.save_model(
             path,
             python_model=_wrapper(obj),
@@ -177,6 +177,10 @@ def _wrapper(obj: Any) -> Any:
     import mlflow.pyfunc
 
     class PickledObject(mlflow.pyfunc.PythonModel):
+        # `wrapped` decides what input it takes (the signature says so): MLflow's type-hint
+        # validation, and its "add type hints" warning on every definition and load, is off
+        _skip_type_hint_validation = True
+
         def __init__(self, wrapped: Any):
             self.wrapped = wrapped
 
