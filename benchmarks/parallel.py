@@ -24,6 +24,8 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
+from overhead import best  # the same timing rule as the overhead benchmark
+
 HERE = Path(__file__).resolve().parent
 NAP = 0.25  # seconds each independent stage releases the GIL for
 
@@ -54,16 +56,6 @@ def score(x: int = 0, value: int = 0) -> dict:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def best(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def line(text: str) -> None:

@@ -60,17 +60,14 @@ def tracking_uri(spec: PipelineSpec) -> str:
 
 def open_client(uri: str) -> Any:
     """An MlflowClient on `uri`, failing with a ServingError when there is no store."""
-    from ..tracking.client import check_reachable, client_for
-    from ..tracking.settings import sqlite_file
+    from ..tracking.client import existing_client
 
-    path = sqlite_file(uri)
-    if path is not None and not path.is_file():
-        raise ServingError(
-            f"no MLflow store at {uri} ({path} does not exist); run the training pipeline "
-            f"with tracking first (`pipekit run`), or point tracking.uri at its store"
-        )
-    check_reachable(uri)
-    return client_for(uri)
+    return existing_client(
+        uri,
+        ServingError,
+        "run the training pipeline with tracking first (`pipekit run`), or point "
+        "tracking.uri at its store",
+    )
 
 
 def resolve_pins(

@@ -53,18 +53,19 @@ RETRY_FAILED = 60.0
 @dataclass(frozen=True)
 class Settings:
     """Where the model comes from and how the server answers (plain data: it travels to
-    worker processes as JSON)."""
+    worker processes as JSON). Built by `settings_for` from a checked `ServeSpec`, whose
+    defaults are the only ones."""
 
     uri: str
     name: str
-    alias: str | None = "champion"
+    alias: str | None
+    host: str
+    port: int
+    workers: int
+    poll_interval: float
+    max_body: int
+    timeout: float
     version: str | None = None  # a fixed version: nothing is followed
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    poll_interval: float = 5.0
-    max_body: int = 10 * 1024 * 1024
-    timeout: float = 60.0
     access_log: bool = False
 
     def to_json(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import TrackingUnavailableError
 from .flavors import quiet, save_model
-from .settings import sqlite_file
+from .settings import require_store, sqlite_file
 from .tags import key_text
 
 log = logging.getLogger(__name__)
@@ -566,6 +566,14 @@ def version_for_cache_key(
     if not found:
         return None
     return str(found[0].version), found[0].run_id or "", model_id_of(found[0])
+
+
+def existing_client(uri: str, error: type[Exception], then: str) -> Any:
+    """A client on a store that must exist already (`settings.require_store`), failing
+    in seconds when a server does not answer (TrackingUnavailableError naming it)."""
+    require_store(uri, error, then)
+    check_reachable(uri)
+    return client_for(uri)
 
 
 def client_for(uri: str, *, sqlite_wal: bool = True) -> Any:

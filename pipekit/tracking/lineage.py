@@ -15,7 +15,7 @@ from ..core.redact import scrub
 from ..display.render import graphviz_module, pipe
 from ..errors import GraphvizNotFoundError, TrackingError, did_you_mean
 from . import tags as tag
-from .settings import default_uri, sqlite_file
+from .settings import default_uri, require_store, sqlite_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,21 +214,16 @@ def _split(model: str, version: str | int | None) -> tuple[str, str | None]:
     return model, text if text.isdigit() or text.startswith("@") else f"@{text}"
 
 
+#: What to do when `pipekit lineage` finds no store.
+NO_STORE = (
+    "run a pipeline with `tracking=local` first, or pass uri=... / --uri / MLFLOW_TRACKING_URI"
+)
+
+
 def _client(uri: str) -> Any:
-    _check_store(uri)
-    from .client import check_reachable, client_for
+    from .client import existing_client
 
-    check_reachable(uri)  # TrackingUnavailableError naming the URI, in seconds
-    return client_for(uri)
-
-
-def _check_store(uri: str) -> None:
-    path = sqlite_file(uri)
-    if path is not None and not path.is_file():
-        raise TrackingError(
-            f"no MLflow store at {uri} ({path.resolve()} does not exist); run a pipeline "
-            f"with `tracking=local` first, or pass uri=... / --uri / MLFLOW_TRACKING_URI"
-        )
+    return existing_client(uri, TrackingError, NO_STORE)
 
 
 def _resolve(registry: _Registry, model: str, version: str | None, uri: str) -> VersionNode:
@@ -378,7 +373,7 @@ class _SqliteRegistry(_Registry):
         path = sqlite_file(uri)
         if path is None:
             return None
-        _check_store(uri)
+        require_store(uri, TrackingError, NO_STORE)
         if os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true", "yes"):
             return None
         try:

@@ -74,6 +74,14 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :].split("?", 1)[0]).expanduser()
 
 
+def require_store(uri: str, error: type[Exception], then: str) -> None:
+    """Raise `error` when `uri` is a SQLite store whose file does not exist, saying what
+    to do (`then`): reading commands must not create an empty store as a side effect."""
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise error(f"no MLflow store at {uri} ({path.resolve()} does not exist); {then}")
+
+
 def default_uri() -> str:
     """`MLFLOW_TRACKING_URI`, else the local store of `tracking=local` in the cwd."""
     import os
