@@ -64,6 +64,51 @@ def local_cluster(request: pytest.FixtureRequest, workers: int) -> Any:
     return local
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fork_servers(tmp_path_factory):
+    """The tracking fork servers of this test session live in a directory of its own
+    (not the user's), and retire when the session ends (their forks finish first)."""
+    from pipekit.tracking import forkserver
+
+    directory = tmp_path_factory.mktemp("runtime")
+    directory.chmod(0o700)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(forkserver.DIR_ENV, str(directory))
+        yield directory
+    for sock in directory.glob("*.sock"):
+        forkserver.retire(sock)
+
+
+@pytest.fixture
+def fork_runtime(tmp_path):
+    """A fork-server directory of this test's own (`PIPEKIT_RUNTIME_DIR`): its servers
+    are this test's alone, and retire when it ends."""
+    from pipekit.tracking import forkserver
+
+    directory = tmp_path / "runtime"
+    directory.mkdir(mode=0o700)
+    yield directory
+    for sock in directory.glob("*.sock"):
+        forkserver.retire(sock)
+
+
+def fork_server(directory: Path) -> Any:
+    """The fork server (a psutil.Process) serving a socket in `directory`, or None. Its
+    forks have its command line too: the server is the one whose parent is not one."""
+    import psutil
+
+    found = {}
+    for process in psutil.process_iter(["cmdline", "ppid", "status"]):
+        line = process.info["cmdline"] or []
+        if process.info["status"] != psutil.STATUS_ZOMBIE and any(
+            arg.startswith(str(directory)) and arg.endswith(".sock") for arg in line[1:]
+        ):
+            found[process.pid] = process
+    servers = [p for p in found.values() if p.info["ppid"] not in found]
+    assert len(servers) <= 1, servers
+    return servers[0] if servers else None
+
+
 @pytest.fixture
 def pipeline_from():
     return make

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_pipekit
+from conftest import fork_server, run_pipekit
 
 import pipekit as pk
 from pipekit.core.redact import (
@@ -30,6 +30,7 @@ from pipekit.core.redact import (
     scrub,
 )
 from pipekit.errors import TrackingConfigError, TrackingError, TrackingUnavailableError
+from pipekit.tracking import forkserver
 
 # --- stage functions (importable as test_tracking_faults.<name> by `pipekit` subprocesses)
 
@@ -634,11 +635,27 @@ def gate_running(db: Path, proc: subprocess.Popen) -> bool:
         return False
 
 
-def writer_process(proc: subprocess.Popen):
+#: The two kinds of writer process of `pipekit run` (PIPEKIT_TRACKING_WRITER).
+MODES = ["process", "forkserver"]
+
+
+def writer_env(cli_env: dict, mode: str, runtime: Path) -> dict:
+    return {**cli_env, "PIPEKIT_TRACKING_WRITER": mode, "PIPEKIT_RUNTIME_DIR": str(runtime)}
+
+
+def writer_process(proc: subprocess.Popen, mode: str, runtime: Path):
+    """The process writing the run's MLflow calls: the driver's child, or a fork of the
+    fork server (not the driver's child: the server's)."""
     import psutil
 
-    children = psutil.Process(proc.pid).children(recursive=True)
-    found = [c for c in children if "pipekit.tracking.writer" in " ".join(c.cmdline())]
+    if mode == "forkserver":
+        server = fork_server(runtime)
+        assert server is not None, "no fork server"
+        children = server.children()
+        found = [c for c in children if c.status() != psutil.STATUS_ZOMBIE]
+    else:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        found = [c for c in children if "pipekit.tracking.writer" in " ".join(c.cmdline())]
     assert len(found) == 1, [c.cmdline() for c in children]
     return found[0]
 
@@ -652,13 +669,17 @@ def gone(process) -> bool:
         return True
 
 
-def test_a_driver_killed_mid_run_leaves_no_mlflow_run_running(user_conf, tmp_path, cli_env):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_driver_killed_mid_run_leaves_no_mlflow_run_running(
+    user_conf, tmp_path, cli_env, mode, fork_runtime
+):
     db = tmp_path / "mlflow.db"
     conf = gated(user_conf, tmp_path)
+    cli_env = writer_env(cli_env, mode, fork_runtime)
     proc = start_gated(conf, f"sqlite:///{db}", cli_env, tmp_path)
     try:
         until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
-        writer = writer_process(proc)
+        writer = writer_process(proc, mode, fork_runtime)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole process group
         proc.wait(timeout=30)
         until(lambda: gone(writer), "the writer process exits after ending the runs", 60)
@@ -683,12 +704,16 @@ def test_a_driver_killed_mid_run_leaves_no_mlflow_run_running(user_conf, tmp_pat
     assert counts == {"KILLED": 2, "FINISHED": 1 + 4}  # the second run: parent and 3 stages
 
 
-def test_a_writer_process_killed_mid_run_ends_the_runs_and_says_so(user_conf, tmp_path, cli_env):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_writer_process_killed_mid_run_ends_the_runs_and_says_so(
+    user_conf, tmp_path, cli_env, mode, fork_runtime
+):
     db = tmp_path / "mlflow.db"
+    cli_env = writer_env(cli_env, mode, fork_runtime)
     proc = start_gated(gated(user_conf, tmp_path), f"sqlite:///{db}", cli_env, tmp_path)
     try:
         until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
-        writer = writer_process(proc)
+        writer = writer_process(proc, mode, fork_runtime)
         writer.kill()
         until(lambda: gone(writer), "the writer process ends", 30)
         (tmp_path / "go").touch()  # the stages go on
@@ -733,7 +758,8 @@ def test_the_driver_of_a_tracked_cli_run_never_imports_mlflow(user_conf, tmp_pat
     assert {status for status, _e in run_statuses(tmp_path / "mlflow.db").values()} == {"FINISHED"}
 
 
-def test_the_writer_process_hands_back_runs_versions_and_failures(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_the_writer_process_hands_back_runs_versions_and_failures(tmp_path, monkeypatch, mode):
     """The process `pipekit run` uses, driven from Python: `start_early`, then a run."""
     from mlflow import MlflowClient
 
@@ -741,14 +767,19 @@ def test_the_writer_process_hands_back_runs_versions_and_failures(tmp_path, monk
     from pipekit.tracking.observer import MlflowObserver
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(writer.WRITER_ENV, mode)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = ["executor=sync", "cache=off", "tracking=off"]
     pipeline = pk.load("cancer", overrides=overrides)
     observer = MlflowObserver(uri, experiment="cancer")
     writer.start_early()
-    child = writer._early
+    early = writer._early
+    assert early is not None
+    child = early.peer()
     result = pipeline.run(progress=False, observers=[observer])
-    assert child is not None and child.poll() == 0  # adopted, ran the calls, exited
+    kind = forkserver.Session if mode == "forkserver" else subprocess.Popen
+    assert isinstance(child, kind)
+    assert child.wait(timeout=30) == 0  # adopted, ran the calls, exited
     assert writer._early is None
     assert set(observer.stage_runs) == set(result.status)
     assert observer.versions == {

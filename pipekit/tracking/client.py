@@ -248,6 +248,12 @@ def _engines(client: Any) -> list[Any]:
 _TUNED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def close_engines(client: Any) -> None:
+    """Close the pooled connections of the client's SQLite stores (they reopen on use)."""
+    for engine in _engines(client):
+        engine.dispose()
+
+
 def _sqlite_pragmas(connection: Any, record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA synchronous=NORMAL")

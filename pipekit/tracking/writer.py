@@ -52,7 +52,8 @@ from ..core.events import StageEvent
 from ..core.metrics import numeric_items
 from ..core.result import RunResult
 from ..errors import PipekitError, TrackingUnavailableError, TrackingWriterError
-from .client import check_reachable, http_limits
+from . import forkserver
+from .client import HTTP_LIMITS, check_reachable, http_limits
 from .prewarm import MODULES  # what the child imports first, before it knows the run
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,11 @@ class ThreadWriter(_Calls):
 
 
 def open_writer(observer: Any, name: str) -> ThreadWriter | ProcessWriter:
-    """The writer for the run `observer` starts: the process `start_early` made for this
-    run (the CLI), or else a thread."""
+    """The writer for the run `observer` starts: the process `start_early` readied for
+    this run (the CLI), or else a thread."""
     global _early
-    proc, _early = _early, None
+    early, _early = _early, None
+    proc = early.peer() if early is not None else None
     if proc is not None:
         if proc.poll() is None:
             try:
@@ -187,56 +189,108 @@ def open_writer(observer: Any, name: str) -> ThreadWriter | ProcessWriter:
 
 # --- the process: driver side ---------------------------------------------------------------
 
-_early: subprocess.Popen | None = None
-_early_lock = threading.Lock()
-
-#: `thread`: `pipekit run` writes from a thread too (for comparisons and odd platforms).
+#: `forkserver` (the default on Linux): a fork of a long-lived process that imported MLflow
+#: once (`forkserver.py`); `process`: a new process per run; `thread`: a thread of the run.
 WRITER_ENV = "PIPEKIT_TRACKING_WRITER"
 #: The child's program: `serve()` below (not `-m`, which would load this module twice).
 CHILD = "from pipekit.tracking.writer import serve; serve()"
+#: The fork server's program (`serve_forks` below); the socket's path is its argument.
+FORK_SERVER = (
+    "import sys; from pipekit.tracking.writer import serve_forks; serve_forks(sys.argv[1])"
+)
+
+Peer = subprocess.Popen | forkserver.Session
+
+
+class _Early:
+    """The writer made ready for the next run of this process: a fork of the fork server
+    (found or started on a thread, so the driver never waits for it) or a child process."""
+
+    def __init__(self, mode: str):
+        self._peer: Peer | None = None
+        self._thread: threading.Thread | None = None
+        if mode == "forkserver" and forkserver.available():
+            self._thread = threading.Thread(
+                target=self._connect, name="pipekit-writer-connect", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._peer = _spawn()
+
+    def _connect(self) -> None:
+        try:
+            session = forkserver.connect([sys.executable, "-c", FORK_SERVER])
+        except Exception as exc:  # then a writer process of our own, as before
+            log.debug("pipekit tracking: no fork server (%s)", exc)
+            session = None
+        self._peer = session if session is not None else _spawn()
+
+    def peer(self) -> Peer | None:
+        if self._thread is not None:
+            self._thread.join()  # bounded: forkserver.START_WAIT and ANSWER_WAIT
+        return self._peer
+
+    def alive(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive()) or (
+            self._peer is not None and self._peer.poll() is None
+        )
+
+
+_early: _Early | None = None
+_early_lock = threading.Lock()
 
 
 def start_early() -> None:
-    """Start a writer process now, for the next tracked run of this process to adopt.
+    """Ready a writer now, for the next tracked run of this process to adopt.
 
     `pipekit run` calls it before composing the config, when nothing says tracking is off,
-    and again once the config says it is on (then a no-op). A process nobody adopts exits
-    when this one does (EOF on its pipe), or at once on `discard_early()`.
+    and again once the config says it is on (then a no-op). A writer nobody adopts exits
+    when this process does (EOF on its pipe), or at once on `discard_early()`.
     """
     global _early
-    if os.environ.get(WRITER_ENV, "process") == "thread":  # MLflow imported in this process
+    mode = os.environ.get(WRITER_ENV, "forkserver")
+    if mode == "thread":  # MLflow imported in this process
         from .prewarm import prewarm
 
         prewarm()
         return
     with _early_lock:
-        if _early is not None and _early.poll() is None:
+        if _early is not None and _early.alive():
             return
-        try:
-            _early = subprocess.Popen(
-                [sys.executable, "-c", CHILD],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # a signal to our process group must not cut its
-                close_fds=True,  # cleanup short: it ends when our pipe closes
-            )
-        except OSError as exc:  # the run then writes from a thread
-            log.debug("pipekit tracking: cannot start a writer process: %s", exc)
-            _early = None
+        _early = _Early(mode)
+
+
+def _spawn() -> subprocess.Popen | None:
+    """A writer process of this run's own, or None (the run then writes from a thread)."""
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", CHILD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # a signal to our process group must not cut its
+            close_fds=True,  # cleanup short: it ends when our pipe closes
+        )
+    except OSError as exc:
+        log.debug("pipekit tracking: cannot start a writer process: %s", exc)
+        return None
 
 
 def discard_early() -> None:
-    """The config says tracking is off: the spare writer process (if any) exits now."""
+    """The config says tracking is off: the spare writer (if any) exits now."""
     global _early
     with _early_lock:
-        proc, _early = _early, None
+        early, _early = _early, None
+    proc = early.peer() if early is not None else None
     if proc is not None:
         _discard(proc)
 
 
-def _discard(proc: subprocess.Popen) -> None:
-    """End a writer process that opened nothing (it holds no MLflow run)."""
+def _discard(proc: Peer) -> None:
+    """End a writer that opened nothing (it holds no MLflow run)."""
+    if isinstance(proc, forkserver.Session):
+        proc.close()  # the fork reads EOF before any run and exits
+        return
     with suppress(OSError):
         proc.kill()
     for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -310,7 +364,7 @@ class ProcessWriter:
     one keeps its stderr (shown in a debug log; its last line names a crash).
     """
 
-    def __init__(self, proc: subprocess.Popen, observer: Any, name: str):
+    def __init__(self, proc: Peer, observer: Any, name: str):
         self.observer = observer
         self.proc = proc
         self.uri = observer.uri
@@ -328,7 +382,10 @@ class ProcessWriter:
         state = {k: v for k, v in vars(observer).items() if k not in ("_writer", "_client")}
         hello = ("open", type(observer), state, _context())
         self._outbox.put(_dumps(hello))
-        for target, part in ((self._send, "send"), (self._read, "read"), (self._errors, "err")):
+        threads = [(self._send, "send"), (self._read, "read")]
+        if proc.stderr is not None:  # a fork server's fork prints to the server's log
+            threads.append((self._errors, "err"))
+        for target, part in threads:
             threading.Thread(target=target, name=f"{name}-{part}", daemon=True).start()
 
     def submit(self, func: Callable[..., Any], *args: Any) -> None:
@@ -388,6 +445,8 @@ class ProcessWriter:
         stdout = self.proc.stdout
         assert stdout is not None
         try:
+            if isinstance(self.proc, forkserver.Session) and not self.proc.wait_ready():
+                return  # the server died before forking: `_recover` says so
             while True:
                 frame = _read_frame(stdout)
                 if frame is None:
@@ -445,6 +504,8 @@ class ProcessWriter:
             with suppress(ValueError):
                 how = f"killed by {signal.Signals(-code).name}"
         last = next((line for line in reversed(self._stderr) if line.strip()), "")
+        if isinstance(self.proc, forkserver.Session):
+            last = self.proc.last_words()
         message = f"the tracking writer process ended before the run's MLflow calls ({how})"
         if last:
             message += f": {last}"
@@ -527,6 +588,7 @@ def _context() -> dict[str, Any]:
     return {
         "cwd": os.getcwd(),
         "path": list(sys.path),
+        "env": dict(os.environ),
         "levels": {name: logging.getLogger(name).getEffectiveLevel() for name in _LOGGERS},
     }
 
@@ -745,10 +807,38 @@ class _Printed:
 
 
 def serve() -> None:
-    """The writer process: import MLflow, then run the driver's calls until it closes."""
+    """The writer process of one run: import MLflow, then run the driver's calls until it
+    closes. The pipe from the driver is stdin, the pipe back a copy of stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     channel = os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # C-level prints cannot corrupt the pipe
+    _serve(sys.stdin.buffer, channel)
+
+
+def serve_forks(sock: str) -> None:
+    """The fork server (`forkserver.py`): MLflow and the model modules imported once,
+    then each run's writer a fork of this process, served by `_serve` on its socket."""
+    from .warmup import workout
+
+    forkserver.serve(Path(sock), _prepare_forks, _fork_session, workout)
+
+
+def _prepare_forks() -> None:
+    """What every run's writer needs, imported before the first fork. MLflow's telemetry
+    is off in the server: its threads must not be running when the server forks."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _import(MODULES)
+    _model_modules()
+    _requirement_maps()
+    _import(("sklearn.base",))  # what pipekit's examples and most model stages pickle
+
+
+def _fork_session(conn: Any) -> None:
+    _serve(conn.makefile("rb"), conn.makefile("wb"))
+
+
+def _serve(source: IO[bytes], channel: IO[bytes]) -> None:
+    """Run one driver's calls from `source`, reporting on `channel`, then exit."""
     sys.stdout = _Printed()  # type: ignore[assignment]
     lock = threading.Lock()
 
@@ -761,9 +851,8 @@ def serve() -> None:
     opened = threading.Event()
 
     def receive() -> None:  # drains the pipe while MLflow imports: the driver never blocks
-        stdin = sys.stdin.buffer
         while True:
-            frame = _read_frame(stdin)
+            frame = _read_frame(source)
             if frame is None and not opened.is_set():
                 os._exit(0)  # nobody adopted this process: nothing to end
             inbox.put(frame)
@@ -775,7 +864,7 @@ def serve() -> None:
     root = logging.getLogger()
     root.addHandler(_Forward(send))
     root.setLevel(logging.WARNING)
-    _import(MODULES)
+    _import(MODULES)  # at once when forked: the server imported them
     imported = time.monotonic()
     for name in ("mlflow",):  # MLflow's own stderr handler: its records go to the driver
         logger = logging.getLogger(name)
@@ -787,6 +876,15 @@ def serve() -> None:
     with suppress(Exception):
         channel.flush()
     os._exit(0)  # MLflow's exit hooks (telemetry, async loggers) have nothing to do here
+
+
+def _adopt_environment(env: Mapping[str, str]) -> None:
+    """The driver's environment variables, for a writer forked from a server that another
+    run started (credentials, proxies, MLflow's settings); `http_limits`' own are kept."""
+    for name in list(os.environ):
+        if name not in env and os.environ[name] != HTTP_LIMITS.get(name):
+            del os.environ[name]
+    os.environ.update(env)
 
 
 class _Child(_Calls):
@@ -850,6 +948,7 @@ class _Child(_Calls):
         with suppress(OSError):
             os.chdir(context["cwd"])
         sys.path[:] = [p for p in context["path"] if p] + [p for p in sys.path if p]
+        _adopt_environment(context["env"])
         for name, level in context["levels"].items():
             logging.getLogger(name or None).setLevel(level)
         mirror = cls.__new__(cls)
