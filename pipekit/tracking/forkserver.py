@@ -42,7 +42,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -198,9 +198,6 @@ def connect(program: Sequence[str]) -> Session | None:
     if directory is None:
         return None
     sock = address(directory)
-    if len(os.fsencode(sock)) >= MAX_ADDRESS:
-        log.debug("pipekit tracking: %s is too long for a Unix socket; no fork server", sock)
-        return None
     try:
         session = _warm(sock)
     except OSError as exc:
@@ -253,11 +250,26 @@ def _warm(sock: Path) -> Session | None:
 def _dial(sock: Path) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn.connect(str(sock))
+        with _addressable(sock) as where:
+            conn.connect(where)
     except OSError:
         conn.close()
         raise
     return conn
+
+
+@contextlib.contextmanager
+def _addressable(sock: Path) -> Iterator[str]:
+    """`sock` as a Unix socket address: a path longer than Linux allows (108 bytes) is
+    reached through the directory's file descriptor (`/proc/self/fd/<n>/<name>`)."""
+    if len(os.fsencode(sock)) < MAX_ADDRESS:
+        yield str(sock)
+        return
+    fd = os.open(sock.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{sock.name}"
+    finally:
+        os.close(fd)
 
 
 def _readline(conn: socket.socket) -> bytes:
@@ -389,7 +401,8 @@ def serve(
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()  # left by a server that died
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(sock))
+    with _addressable(sock) as where:
+        listener.bind(where)
     listener.listen(64)
     inode = sock.stat().st_ino
     try:
