@@ -62,6 +62,8 @@ REMEMBERED = 64
 MAX_ADDRESS = 108
 #: The size at which a new server empties the log.
 LOG_LIMIT = 1 << 20
+#: `Session.poll()` of a fork whose end nobody knows (not an exit code or a signal).
+UNKNOWN = -1000
 #: How a fork's crash starts in the server's log (then its pid and the error).
 CRASH = "pipekit tracking writer"
 
@@ -142,10 +144,10 @@ class Session:
         return not self.unready
 
     def poll(self) -> int | None:
-        """None while the fork lives, else how it ended (-signal, or the exit code; 1
-        when the server no longer knows)."""
+        """None while the fork lives, else how it ended: -signal, the exit code, or
+        UNKNOWN (the server that forked it is gone, or it never forked)."""
         if self.pid is None:
-            return 1 if self.unready else None
+            return UNKNOWN if self.unready else None
         try:
             os.kill(self.pid, 0)
             if not _zombie(self.pid):
@@ -153,9 +155,9 @@ class Session:
         except ProcessLookupError:
             pass
         except PermissionError:  # the pid was reused by another user's process
-            return 1
+            return UNKNOWN
         code = _ask(self.sock, f"exit {self.pid}")
-        return int(code) if code and code.lstrip("-").isdigit() else 1
+        return int(code) if code and code.lstrip("-").isdigit() else UNKNOWN
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -205,19 +207,14 @@ def connect(program: Sequence[str]) -> Session | None:
         session = None
     if session is not None:
         return session
-    server = _start(program, sock)
-    deadline = time.monotonic() + START_WAIT
-    while server is not None and time.monotonic() < deadline:  # it listens before it
-        try:  # imports MLflow
+    if _start(program, sock):  # it listens now; it imports MLflow next
+        try:
             conn = _dial(sock)
-        except OSError:
-            if server.poll() is not None and not sock.exists():  # crashed, or lost the
-                break  # race to a server that then retired: not worth waiting for
-            time.sleep(0.01)
-            continue
-        conn.sendall(b"session\n")
-        return Session(conn, sock, None)  # `ready` comes once MLflow is imported
-    log.debug("pipekit tracking: the fork server %s did not start; see %s", sock, log_path(sock))
+            conn.sendall(b"session\n")
+            return Session(conn, sock, None)  # `ready` comes once MLflow is imported
+        except OSError as exc:
+            log.debug("pipekit tracking: fork server %s: %s", sock, exc)
+    log.debug("pipekit tracking: no fork server at %s; see %s", sock, log_path(sock))
     return None
 
 
@@ -295,11 +292,13 @@ def _wait_gone(sock: Path, seconds: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def _start(program: Sequence[str], sock: Path) -> subprocess.Popen | None:
-    """Start a server, detached: its own session, no terminal, stderr to its log."""
+def _start(program: Sequence[str], sock: Path) -> bool:
+    """Start a server; whether one listens at `sock` now. The process started exits
+    once its fork, the server (detached: not our child, its own session, no terminal,
+    stderr to the log), listens or gave up (another server listens)."""
     try:
         with open(log_path(sock), "ab") as errors:
-            server = subprocess.Popen(
+            launcher = subprocess.Popen(
                 [*program, str(sock)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -308,14 +307,19 @@ def _start(program: Sequence[str], sock: Path) -> subprocess.Popen | None:
                 close_fds=True,
                 cwd="/",
             )
-    except OSError as exc:
+        launcher.wait(START_WAIT + 5)  # bounded: the server's wait for the lock
+    except (OSError, subprocess.TimeoutExpired) as exc:
         log.debug("pipekit tracking: cannot start a fork server: %s", exc)
-        return None
-    _started.append(server)  # never collected, so never reported "still running"
-    return server
+        return False
+    return launcher.returncode == 0 or sock.exists()
 
 
-_started: list[subprocess.Popen] = []
+def _listening(sock: Path) -> bool:
+    try:
+        _dial(sock).close()
+    except OSError:
+        return False
+    return True
 
 
 def _ask(sock: Path, question: str) -> str | None:
@@ -378,6 +382,12 @@ def serve(
     inherits what it set up). Returns when it retires (idle, stale or asked to)."""
     import fcntl
 
+    listening, launched = os.pipe()
+    if os.fork():  # the launcher: exits when the server listens (0) or gave up (1)
+        os.close(launched)
+        os._exit(0 if os.read(listening, 1) else 1)
+    os.close(listening)
+    os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
@@ -390,7 +400,7 @@ def serve(
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or _listening(sock):
                 return  # another server serves this socket
             time.sleep(0.02)
     with contextlib.suppress(OSError):  # the log keeps what the last servers said
@@ -404,6 +414,8 @@ def serve(
     with _addressable(sock) as where:
         listener.bind(where)
     listener.listen(64)
+    os.write(launched, b"1")
+    os.close(launched)
     inode = sock.stat().st_ino
     try:
         idle = float(os.environ.get(IDLE_ENV, IDLE_DEFAULT))

@@ -500,7 +500,9 @@ class ProcessWriter:
                     self.proc.kill()
                 code = self.proc.wait()
         how = f"exit code {code}"
-        if code < 0:
+        if code == forkserver.UNKNOWN:
+            how = f"pid {self.proc.pid}"
+        elif code < 0:
             with suppress(ValueError):
                 how = f"killed by {signal.Signals(-code).name}"
         last = next((line for line in reversed(self._stderr) if line.strip()), "")
