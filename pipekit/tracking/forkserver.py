@@ -48,6 +48,9 @@ from typing import IO
 
 log = logging.getLogger(__name__)
 
+#: pipekit's own directory (its files' mtimes tell a stale server).
+PACKAGE = Path(__file__).resolve().parent.parent
+
 #: Where the sockets live (else `$XDG_RUNTIME_DIR/pipekit`, else `<tmp>/pipekit-<uid>`).
 DIR_ENV = "PIPEKIT_RUNTIME_DIR"
 #: Seconds without a new run after which the server exits.
@@ -98,10 +101,8 @@ def runtime_dir() -> Path | None:
 def server_key() -> str:
     """What a server must share with its clients: interpreter, pipekit, user, and the
     environment variables read while importing (a different value: another server)."""
-    import pipekit
-
     shared = sorted((k, v) for k, v in os.environ.items() if k.startswith(("PYTHON", "MLFLOW_")))
-    ident = repr((sys.executable, sys.prefix, pipekit.__file__, os.getuid(), shared))
+    ident = repr((sys.executable, sys.prefix, str(PACKAGE), os.getuid(), shared))
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
@@ -351,10 +352,7 @@ def retire(sock: Path) -> bool:
 def watched() -> list[Path]:
     """Where a change means the server's imports are stale: pipekit's files and folders,
     and the site-packages directories (installing or removing a package changes them)."""
-    import pipekit
-
-    root = Path(pipekit.__file__).parent
-    paths = [root, *(p for p in root.rglob("*") if "__pycache__" not in p.parts)]
+    paths = [PACKAGE, *(p for p in PACKAGE.rglob("*") if "__pycache__" not in p.parts)]
     for name in ("purelib", "platlib"):
         paths.append(Path(sysconfig.get_paths()[name]))
     return [p for p in dict.fromkeys(paths) if p.suffix in ("", ".py")]
