@@ -222,3 +222,34 @@ def test_pipekit_runs_share_the_server_each_as_its_own_process(
     started = [line for line in log.read_text().splitlines() if " at " in line]
     assert len(started) == 1, log.read_text()  # one server (it may have handed over to
     # a warmed-up fork of itself meanwhile: `pipekit fork server N: warmed up ...`)
+
+
+def test_a_store_opened_ahead_and_then_deleted_is_created_afresh(
+    user_conf, tmp_path, cli_env, fork_runtime
+):
+    """The server opens the stores forks used (their engines) ahead of the next run; a
+    store deleted meanwhile must not look like one that has its tables."""
+    conf = user_conf(
+        {
+            "pipeline/one.yaml": "# @package _global_\nname: one\nstages:\n"
+            "  a: {_target_: test_tracking_forkserver.one}\n"
+        }
+    )
+    env = {
+        **cli_env,
+        forkserver.DIR_ENV: str(fork_runtime),
+        "PIPEKIT_TRACKING_WRITER": "forkserver",
+    }
+    db = tmp_path / "store" / "mlflow.db"
+    args = ["run", "-cd", str(conf), "pipeline=one", "cache=off", f"tracking.uri=sqlite:///{db}"]
+    first = run_pipekit(*args, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (log,) = fork_runtime.glob("*.log")
+    until(lambda: f"opened sqlite:///{db} ahead" in log.read_text(), "the store opened ahead")
+    for path in db.parent.glob("mlflow.db*"):  # the database, its WAL and its lock
+        path.unlink()
+    second = run_pipekit(*args, env=env, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "tracking failed" not in second.stderr
+    with sqlite3.connect(db) as con:
+        assert [s for (s,) in con.execute("SELECT status FROM runs")] == ["FINISHED"] * 2

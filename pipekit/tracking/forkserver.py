@@ -67,6 +67,8 @@ MAX_ADDRESS = 108
 LOG_LIMIT = 1 << 20
 #: `Session.poll()` of a fork whose end nobody knows (not an exit code or a signal).
 UNKNOWN = -1000
+#: How many of the stores forks opened a server keeps open ahead (the newest).
+STORES_AHEAD = 8
 #: How a fork's crash starts in the server's log (then its pid and the error).
 CRASH = "pipekit tracking writer"
 
@@ -315,6 +317,17 @@ def _start(program: Sequence[str], sock: Path) -> bool:
     return launcher.returncode == 0 or sock.exists()
 
 
+_notes: Path | None = None  # in a fork: where `remember` writes
+
+
+def remember(store: str) -> None:
+    """In a fork: note the store (its URI) it opened, for the server to open ahead of
+    later forks (`serve(open_ahead=...)`). Elsewhere nothing."""
+    if _notes is not None:
+        with contextlib.suppress(OSError), open(_notes, "a") as notes:
+            notes.write(f"{store}\n")
+
+
 def _listening(sock: Path) -> bool:
     try:
         _dial(sock).close()
@@ -374,10 +387,12 @@ def serve(
     handle: Callable[[socket.socket], None],
     warm: Callable[[], None] | None = None,
     watch: Sequence[Path] | None = None,
+    open_ahead: Callable[[str], None] | None = None,
 ) -> None:
     """Run a fork server at `sock`: `prepare()` once (the imports), then `handle(conn)`
-    in a fork per `session`; `warm()` once, the first time no run is waiting (a fork
-    inherits what it set up). Returns when it retires (idle, stale or asked to)."""
+    in a fork per `session`. When no run is waiting: `open_ahead(store)` once for each
+    store a fork `remember`ed, then `warm()` once (a fork inherits what they set up).
+    Returns when it retires (idle, stale or asked to)."""
     import fcntl
 
     listening, launched = os.pipe()
@@ -422,6 +437,7 @@ def serve(
     print(f"pipekit fork server {os.getpid()} at {sock}, idle timeout {idle:g} s", file=sys.stderr)
     prepare()
     server = _Server(listener, lock, handle, paths, started, warm)
+    server.notes, server.open_ahead = sock.with_suffix(".stores"), open_ahead
     handed_over = False
     try:
         handed_over = server.loop(idle, stop)
@@ -453,6 +469,9 @@ class _Server:
         self.paths, self.started, self.warm = paths, started, warm
         self.ended: dict[int, int] = {}  # pid -> -signal or exit code, the last REMEMBERED
         self.successor: tuple[int, int] | None = None  # (pid, the pipe it says `warm` on)
+        self.notes: Path | None = None  # where forks `remember` the stores they opened
+        self.open_ahead: Callable[[str], None] | None = None
+        self.opened: set[str] = set()
 
     def loop(self, idle: float, stop: list[int]) -> bool:
         """Serve until idle, stale, asked to retire or stopped (False), or until a warm
@@ -466,6 +485,7 @@ class _Server:
             try:
                 conn, _ = self.listener.accept()
             except (TimeoutError, InterruptedError):
+                self._open_noted()
                 self._warm_up()
                 continue
             with conn:
@@ -493,6 +513,27 @@ class _Server:
                         conn.sendall(f"{'' if code is None else code}\n".encode())
 
         return False
+
+    def _open_noted(self) -> None:
+        """`open_ahead` the stores forks noted (the newest few), each once."""
+        if self.notes is None or self.open_ahead is None:
+            return
+        try:
+            noted = self.notes.read_text().split()
+        except OSError:
+            return
+        if len(noted) > 4 * STORES_AHEAD:
+            with contextlib.suppress(OSError):
+                self.notes.write_text("".join(f"{n}\n" for n in noted[-STORES_AHEAD:]))
+        for store in list(dict.fromkeys(reversed(noted)))[:STORES_AHEAD]:
+            if store not in self.opened:
+                self.opened.add(store)
+                try:
+                    self.open_ahead(store)
+                except Exception as exc:
+                    print(f"pipekit fork server: opening {store} ahead: {exc}", file=sys.stderr)
+                else:
+                    print(f"pipekit fork server: opened {store} ahead", file=sys.stderr)
 
     def _warm_up(self) -> None:
         """Fork the successor, which warms up and then serves (it returns into `loop`)."""
@@ -551,7 +592,9 @@ class _Server:
         pid = os.fork()
         if pid:
             return
+        global _notes
         code = 0
+        _notes = self.notes
         try:  # the fork: one run's writer, independent of the server from here on
             os.setsid()
             self.listener.close()

@@ -54,7 +54,8 @@ from ..core.result import RunResult
 from ..errors import PipekitError, TrackingUnavailableError, TrackingWriterError
 from . import forkserver
 from .client import HTTP_LIMITS, check_reachable, http_limits
-from .prewarm import MODULES  # what the child imports first, before it knows the run
+from .prewarm import MODULES
+from .settings import sqlite_file  # what the child imports first, before it knows the run
 
 log = logging.getLogger(__name__)
 
@@ -822,7 +823,7 @@ def serve_forks(sock: str) -> None:
     then each run's writer a fork of this process, served by `_serve` on its socket."""
     from .warmup import workout
 
-    forkserver.serve(Path(sock), _prepare_forks, _fork_session, workout)
+    forkserver.serve(Path(sock), _prepare_forks, _fork_session, workout, open_ahead=_open_ahead)
 
 
 def _prepare_forks() -> None:
@@ -833,6 +834,34 @@ def _prepare_forks() -> None:
     _model_modules()
     _requirement_maps()
     _import(("sklearn.base",))  # what pipekit's examples and most model stages pickle
+    _import((f"{__package__}.observer", "pipekit.display.render", "graphviz"))  # the mirror
+
+
+def _open_ahead(uri: str) -> None:
+    """In the fork server: the SQLAlchemy engines of a local store the next runs will
+    open (MLflow keeps one per database), with a run's first reads compiled once, then
+    their connections closed, so each fork opens its own. The stores are made here, not
+    through `MlflowClient`, whose per-URI cache would spare a fork MLflow's check of the
+    tables (a store deleted meanwhile must be created afresh)."""
+    from mlflow.entities import ViewType
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Registry
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as Tracking
+
+    from .client import store_lock
+
+    db = sqlite_file(uri)
+    if db is None or not db.is_file() or not db.stat().st_size:
+        return
+    with store_lock(db, wait=1.0):  # a store being created or migrated: not now
+        tracking = Tracking(uri, db.parent.as_uri())
+        registry = Registry(uri)
+    try:
+        for experiment in tracking.search_experiments(max_results=1):
+            tracking.search_runs([experiment.experiment_id], "", ViewType.ACTIVE_ONLY, 1)
+        registry.search_registered_models(max_results=1)
+    finally:
+        for engine in {tracking.engine, registry.engine}:
+            engine.dispose()
 
 
 def _fork_session(conn: Any) -> None:
@@ -974,6 +1003,9 @@ class _Child(_Calls):
         mirror = self.mirror
         client = client_for(mirror.uri, sqlite_wal=mirror.sqlite_wal)
         mirror._client = _Reporting(client, self.send)
+        db = sqlite_file(mirror.uri)
+        if db is not None and db.is_absolute() and mirror.sqlite_wal:
+            forkserver.remember(mirror.uri)  # for the server to open ahead of the next run
 
     def _results(self) -> dict[str, Any]:
         """The mirror's public state (results and settings), what pickles of it."""
