@@ -12,8 +12,9 @@ tracking `local` vs `off`, same pipeline, same store, runs alternating after a w
 creates the store: a 7-stage pipeline with 3 model stages (`cache=off`, target <= 1.25x)
 and the shipped `cancer` example fully cached (target <= 1.5x). The runs' MLflow writers
 are forks of a fork server (`pipekit/tracking/forkserver.py`) in a directory of the
-benchmark's own, which the warm-up run starts; one more tracked run per case, after
-retiring that server, shows the cold start (MLflow imported during the run).
+benchmark's own, which the warm-up run starts; the timed runs start once it has warmed
+up. One more tracked run per case, after retiring that server, shows the cold start
+(MLflow imported during the run).
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def cli_ratios(repeat: int) -> dict[str, dict[str, float]]:
             command = [sys.executable, "-m", "pipekit.cli", "run", "-q", *args]
             off = [*command, "tracking=off"]
             _wall(command, tmp, env), _wall(off, tmp, env)  # warm-up: store and cache exist
+            _warm(runtime)  # the steady state: the fork server warm, the store opened ahead
             times: dict[str, list[float]] = {"local": [], "off": []}
             for _ in range(repeat):
                 times["local"].append(_wall(command, tmp, env))
@@ -211,6 +213,16 @@ def cli_ratios(repeat: int) -> dict[str, dict[str, float]]:
             for sock in runtime.glob("*.sock"):
                 forkserver.retire(sock)
     return out
+
+
+def _warm(runtime: Any, seconds: float = 120.0) -> None:
+    """Until the fork server's warm successor took over (bounded; it logs that)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any("takes over" in log.read_text() for log in runtime.glob("*.log")):
+            return
+        time.sleep(0.1)
+    raise SystemExit("the fork server did not warm up in time; see its log in " + str(runtime))
 
 
 def _gone(runtime: Any, seconds: float = 30.0) -> None:

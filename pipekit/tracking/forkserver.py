@@ -472,6 +472,7 @@ class _Server:
         self.notes: Path | None = None  # where forks `remember` the stores they opened
         self.open_ahead: Callable[[str], None] | None = None
         self.opened: set[str] = set()
+        self.forks: set[int] = set()  # the runs' writers still running
 
     def loop(self, idle: float, stop: list[int]) -> bool:
         """Serve until idle, stale, asked to retire or stopped (False), or until a warm
@@ -485,8 +486,9 @@ class _Server:
             try:
                 conn, _ = self.listener.accept()
             except (TimeoutError, InterruptedError):
-                self._open_noted()
-                self._warm_up()
+                if not self.forks:  # never competing with a run for the CPU
+                    self._open_noted()
+                    self._warm_up()
                 continue
             with conn:
                 conn.settimeout(2.0)
@@ -548,7 +550,8 @@ class _Server:
             return
         os.close(ready)
         start, parent = time.monotonic(), os.getppid()
-        self.ended.clear()
+        self.ended.clear()  # the server's forks are not this process's children
+        self.forks.clear()
         warm()
         os.write(done, b"warm")
         os.close(done)
@@ -591,6 +594,7 @@ class _Server:
             print(f"pipekit fork server: threads running at a fork: {names}", file=sys.stderr)
         pid = os.fork()
         if pid:
+            self.forks.add(pid)
             return
         global _notes
         code = 0
@@ -625,5 +629,6 @@ class _Server:
                 return
             signaled = os.WIFSIGNALED(status)
             self.ended[pid] = -os.WTERMSIG(status) if signaled else os.WEXITSTATUS(status)
+            self.forks.discard(pid)
             while len(self.ended) > REMEMBERED:
                 self.ended.pop(next(iter(self.ended)))

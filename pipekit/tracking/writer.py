@@ -6,20 +6,22 @@ decides where they run, and carries each call there in submission order:
 
 - `ThreadWriter` (notebooks, `Pipeline.run` from Python): a thread of the process that
   runs the pipeline. MLflow's import and calls share the GIL with the stages.
-- `ProcessWriter` (`pipekit run`): a child process, started by the CLI before Hydra
-  composes the config (`start_early`), which imports MLflow and opens the store on the
-  second core while the driver composes, validates and runs the stages. The driver
-  pickles the observer once (its settings and the run's plan: the child's *mirror*) and
-  then each call (method name and arguments, stage outputs reduced to what tracking reads)
-  down a pipe; the child runs them on the mirror and, when closed, hands back the results
-  (`parent_run_id`, `stage_runs`, `versions`, `failures`, ...). MLflow's log lines and
-  prints in the child come back as log records (MLflow's chatter at DEBUG).
+- `ProcessWriter` (`pipekit run`): another process, readied by the CLI before Hydra
+  composes the config (`start_early`): a fork of the fork server, which imported MLflow
+  once for every run (`forkserver.py`; its program is `serve_forks`), or with
+  `PIPEKIT_TRACKING_WRITER=process` a child that imports MLflow on the second core while
+  the driver composes, validates and runs the stages (`serve`). The driver pickles the
+  observer once (its settings and the run's plan: the child's *mirror*) and then each
+  call (method name and arguments, stage outputs reduced to what tracking reads) down a
+  socket or pipe; the child runs them on the mirror and, when closed, hands back the
+  results (`parent_run_id`, `stage_runs`, `versions`, `failures`, ...). MLflow's log
+  lines and prints in the child come back as log records (MLflow's chatter at DEBUG).
 
 Nothing is left RUNNING:
 - the driver killed (SIGKILL, OOM) or gone without closing: the child reads EOF, runs the
   calls it had received, then ends its open runs KILLED (`_kill`). It lives in its own
   session, so a signal to the driver's process group does not cut that short;
-- the child killed or crashed: the driver sees EOF on the pipe back, reports it as a
+- the child killed or crashed: the driver sees EOF on its connection, reports it as a
   tracking failure, and ends the runs the child had reported creating (every
   `create_run` and `set_terminated` is reported as it happens) FAILED, through the same
   `_kill`, in its own process. It never waits on a dead child.
@@ -54,8 +56,8 @@ from ..core.result import RunResult
 from ..errors import PipekitError, TrackingUnavailableError, TrackingWriterError
 from . import forkserver
 from .client import HTTP_LIMITS, check_reachable, http_limits
-from .prewarm import MODULES
-from .settings import sqlite_file  # what the child imports first, before it knows the run
+from .prewarm import MODULES  # what the child imports first, before it knows the run
+from .settings import sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -821,20 +823,26 @@ def serve() -> None:
 def serve_forks(sock: str) -> None:
     """The fork server (`forkserver.py`): MLflow and the model modules imported once,
     then each run's writer a fork of this process, served by `_serve` on its socket."""
-    from .warmup import workout
-
-    forkserver.serve(Path(sock), _prepare_forks, _fork_session, workout, open_ahead=_open_ahead)
+    forkserver.serve(Path(sock), _prepare_forks, _fork_session, _warm_forks, open_ahead=_open_ahead)
 
 
 def _prepare_forks() -> None:
-    """What every run's writer needs, imported before the first fork. MLflow's telemetry
-    is off in the server: its threads must not be running when the server forks."""
+    """What a writer needs first, imported before the first fork (the rest, which the
+    first forks import as a writer process does, waits for `_warm_forks`). MLflow's
+    telemetry is off in the server: its threads must not be running at a fork."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     _import(MODULES)
+
+
+def _warm_forks() -> None:
+    """Everything else a run's writer may need, and each kind of MLflow call made once."""
+    from .warmup import workout
+
     _model_modules()
     _requirement_maps()
     _import(("sklearn.base",))  # what pipekit's examples and most model stages pickle
     _import((f"{__package__}.observer", "pipekit.display.render", "graphviz"))  # the mirror
+    workout()
 
 
 def _open_ahead(uri: str) -> None:
