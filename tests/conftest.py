@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,16 @@ def run_pipekit(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def until(condition: Any, what: str, seconds: float = 120) -> None:
+    """Poll `condition` (bounded in time), failing with `what` when it never holds."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"never: {what}")
 
 
 def make(stages: dict[str, Any], name: str = "t", **top: Any) -> pk.Pipeline:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fork_server, run_pipekit
+from conftest import fork_server, run_pipekit, until
 
 import pipekit as pk
 from pipekit.core.redact import (
@@ -616,16 +616,6 @@ def parent_ids(db: Path) -> list[str]:
     return [run_id for (run_id,) in rows]
 
 
-def until(condition, what: str, seconds: float = 120) -> None:
-    """Poll `condition` (bounded in time), failing with `what` when it never holds."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"never: {what}")
-
-
 def gate_running(db: Path, proc: subprocess.Popen) -> bool:
     if proc.poll() is not None:
         pytest.fail(f"pipekit ended early ({proc.returncode}): {proc.communicate()[1]}")
@@ -737,6 +727,38 @@ def test_a_writer_process_killed_mid_run_ends_the_runs_and_says_so(
     assert statuses.pop("first") == ("FINISHED", None)
     ((name, (status, _error)),) = statuses.items()  # `after` ran once the writer was gone:
     assert name.startswith("gated-") and status == "FAILED"  # it has no run; the parent
+
+
+def test_the_fork_server_killed_mid_run_cuts_nothing_short(
+    user_conf, tmp_path, cli_env, fork_runtime
+):
+    """The server holds no run: its fork (a session of its own) tracks the run to the
+    end, and the next run starts a new server."""
+    db = tmp_path / "mlflow.db"
+    cli_env = writer_env(cli_env, "forkserver", fork_runtime)
+    conf = gated(user_conf, tmp_path)
+    proc = start_gated(conf, f"sqlite:///{db}", cli_env, tmp_path)
+    try:
+        until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
+        server = fork_server(fork_runtime)
+        server.kill()
+        server.wait(timeout=30)
+        (tmp_path / "go").touch()
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "tracking failed" not in err and "Traceback" not in err
+    assert {status for status, _e in run_statuses(db).values()} == {"FINISHED"}
+    again = start_gated(conf, f"sqlite:///{db}", cli_env, tmp_path)
+    _out, err = again.communicate(timeout=180)
+    assert again.returncode == 0 and "tracking failed" not in err, err
+    assert fork_server(fork_runtime).pid != server.pid
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+        counts = dict(con.execute("SELECT status, count(*) FROM runs GROUP BY status"))
+    assert counts == {"FINISHED": 2 * 4}
 
 
 def test_the_driver_of_a_tracked_cli_run_never_imports_mlflow(user_conf, tmp_path, cli_env):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TESTS, fork_server, run_pipekit
+from conftest import TESTS, fork_server, run_pipekit, until
 
 from pipekit.tracking import forkserver
 
@@ -48,15 +48,6 @@ def echo(session: forkserver.Session, text: str) -> str:
     session.stdin.write(text.encode() + b"\n")
     session.stdin.flush()
     return session.stdout.readline().decode().strip()
-
-
-def until(condition, what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"never: {what}")
 
 
 @pytest.fixture
@@ -188,23 +179,25 @@ def one() -> dict:
     return {"one": 1.0}
 
 
-def test_pipekit_runs_share_the_server_each_as_its_own_process(
-    user_conf, tmp_path, cli_env, fork_runtime
-):
-    """Two runs, one server; each fork writes as its run's process would: from the run's
-    working directory (relative artifact paths) and with its environment (`USER` is read
-    by the writer for the `mlflow.user` tag)."""
+@pytest.fixture
+def one_stage(user_conf, cli_env, fork_runtime):
+    """A one-stage pipeline's config dir, and the environment of `pipekit run`s whose
+    writers are forks of this test's fork server."""
     conf = user_conf(
         {
             "pipeline/one.yaml": "# @package _global_\nname: one\nstages:\n"
             "  a: {_target_: test_tracking_forkserver.one}\n"
         }
     )
-    env = {
-        **cli_env,
-        forkserver.DIR_ENV: str(fork_runtime),
-        "PIPEKIT_TRACKING_WRITER": "forkserver",
-    }
+    env = {**cli_env, forkserver.DIR_ENV: str(fork_runtime)}
+    return conf, {**env, "PIPEKIT_TRACKING_WRITER": "forkserver"}
+
+
+def test_pipekit_runs_share_the_server_each_as_its_own_process(one_stage, tmp_path, fork_runtime):
+    """Two runs, one server; each fork writes as its run's process would: from the run's
+    working directory (relative artifact paths) and with its environment (`USER` is read
+    by the writer for the `mlflow.user` tag)."""
+    conf, env = one_stage
     for user in ("alice", "bob"):
         cwd = tmp_path / user
         cwd.mkdir()
@@ -224,22 +217,10 @@ def test_pipekit_runs_share_the_server_each_as_its_own_process(
     # a warmed-up fork of itself meanwhile: `pipekit fork server N: warmed up ...`)
 
 
-def test_a_store_opened_ahead_and_then_deleted_is_created_afresh(
-    user_conf, tmp_path, cli_env, fork_runtime
-):
+def test_a_store_opened_ahead_and_then_deleted_is_created_afresh(one_stage, tmp_path, fork_runtime):
     """The server opens the stores forks used (their engines) ahead of the next run; a
     store deleted meanwhile must not look like one that has its tables."""
-    conf = user_conf(
-        {
-            "pipeline/one.yaml": "# @package _global_\nname: one\nstages:\n"
-            "  a: {_target_: test_tracking_forkserver.one}\n"
-        }
-    )
-    env = {
-        **cli_env,
-        forkserver.DIR_ENV: str(fork_runtime),
-        "PIPEKIT_TRACKING_WRITER": "forkserver",
-    }
+    conf, env = one_stage
     db = tmp_path / "store" / "mlflow.db"
     args = ["run", "-cd", str(conf), "pipeline=one", "cache=off", f"tracking.uri=sqlite:///{db}"]
     first = run_pipekit(*args, env=env, cwd=tmp_path)
