@@ -14,8 +14,11 @@ runs their MLflow calls exactly as a per-run writer process would (`writer.py`).
   unchanged (the mtimes of pipekit's files and of the site-packages directories, which
   `pip install` changes); if not, it answers `stale`, retires, and the run starts a
   fresh server.
-- Nothing to lose: the server opens no store and holds no MLflow run. A fork lives in
-  a session of its own, so killing the server never cuts a run's tracking short.
+- Warm: while no run's writer runs, the server does once what makes forks faster (a
+  successor warms up and then takes over, `_Server`) and opens ahead the stores forks
+  `remember`ed.
+- Nothing to lose: the server holds no MLflow run and no open store. A fork lives in a
+  session of its own, so killing the server never cuts a run's tracking short.
 - Private: the socket lives in a directory only its user can enter (`runtime_dir`);
   a directory that is not ours and private is not used (the run then starts a
   per-run writer process, as with `PIPEKIT_TRACKING_WRITER=process`).
@@ -23,8 +26,8 @@ runs their MLflow calls exactly as a per-run writer process would (`writer.py`).
   Its log (what it and its forks printed to stderr) is `writer-<key>.log` beside the socket.
 
 Protocol, one line each way before the writer's own frames: the client sends
-`session`, `retire` or `exit <pid>`; the fork answers `ready <pid>`, the server
-`stale`, or for `exit`, how that fork ended.
+`session`, `retire` or `exit <pid>`; the fork answers `ready <pid>`, or the server
+`stale`, `retired`, or for `exit` how that fork ended.
 """
 
 from __future__ import annotations
