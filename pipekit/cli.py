@@ -924,13 +924,9 @@ def _job(cmd: Command, args: argparse.Namespace, cfg: Any, found: Any) -> int:
     if cmd.name == "run" and not getattr(args, "explain", False):  # MLflow's writer process
         # overlaps with validation and the stages (see tracking/writer.py); started already
         # unless tracking looked off before composing
-        from .tracking.prewarm import tracking_on
-        from .tracking.writer import discard_early, start_early
+        from .tracking.writer import ready_writer
 
-        if tracking_on(cfg.get("tracking")):
-            start_early()
-        else:
-            discard_early()
+        ready_writer(cfg.get("tracking"))
     try:
         pipeline = Pipeline.from_config(
             cfg,

@@ -81,6 +81,8 @@ def airflow_env(tmp_path: Path) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("AIRFLOW", "MLFLOW_", "PIPEKIT_")) and k != "PYTHONPATH"
     }
+    if "PIPEKIT_RUNTIME_DIR" in os.environ:  # the test session's fork servers (conftest)
+        env["PIPEKIT_RUNTIME_DIR"] = os.environ["PIPEKIT_RUNTIME_DIR"]
     env.update(
         AIRFLOW_HOME=str(tmp_path / "airflow"),
         AIRFLOW__CORE__DAGS_FOLDER=str(tmp_path / "dags"),

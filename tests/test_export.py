@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 import os
 import re
+import sqlite3
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -221,3 +224,30 @@ def test_a_task_runs_its_stage_in_the_export_directory_upstream_from_the_cache(t
     with pytest.raises(ConfigError) as caught:  # the DAG fails the task without retrying
         run_stage("train", [*overrides, "+stages.train.params.CC=1"], workdir=str(work), run_id="x")
     assert caught.value.exit_code == 2 and "'CC'" in str(caught.value)
+
+
+def test_a_tracked_task_leaves_mlflow_to_the_fork_server(tmp_path, user_conf, cli_env):
+    """Each Airflow task is a new process: like `pipekit run`, it never imports MLflow
+    (seconds of CPU per task); a fork of the fork server writes its runs."""
+    conf = user_conf(
+        {
+            "pipeline/probe.yaml": "# @package _global_\nname: probe\nstages:\n"
+            "  probe: {_target_: test_tracking_faults.probe}\n"
+        }
+    )
+    db = tmp_path / "mlflow.db"
+    command = [sys.executable, "-m", "pipekit.export.task", "--workdir", str(tmp_path)]
+    overrides = ["pipeline=probe", "executor=sync", "cache=off", f"tracking.uri=sqlite:///{db}"]
+    done = subprocess.run(
+        [*command, "-cd", str(conf), "probe", "--", *overrides],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "probe: mlflow_in_driver=0"
+    assert lines[1].startswith("pipekit: tracked in MLflow run ")
+    with sqlite3.connect(db) as con:
+        assert [s for (s,) in con.execute("SELECT status FROM runs")] == ["FINISHED"] * 2

@@ -53,11 +53,16 @@ def run_stage(
     """
     from ..display.progress import TextProgress
     from ..pipeline import load
+    from ..tracking.writer import ready_writer, start_if_tracked
 
     with _working_directory(workdir), _variable(RUN_ID_VARIABLE, run_id):
+        # as `pipekit run`: MLflow's writer is a fork of the fork server, readied while
+        # the config composes (each task is a new process: no MLflow import per task)
+        start_if_tracked((), overrides, config_dir, config_name)
         pipeline = load(
             None, overrides=list(overrides), config_dir=config_dir, config_name=config_name
         )
+        ready_writer(pipeline.spec.section("tracking"))
         try:
             result = pipeline.run(
                 targets=[stage], observers=[TextProgress(sys.stderr, live=False)], progress=False

@@ -279,6 +279,18 @@ def _spawn() -> subprocess.Popen | None:
         return None
 
 
+def ready_writer(section: Mapping[str, Any] | None) -> None:
+    """Once the config is composed: a writer for the next run when its `tracking`
+    section is on (`start_early`; already started unless tracking looked off), else
+    none (`discard_early`)."""
+    from .prewarm import tracking_on
+
+    if tracking_on(section):
+        start_early()
+    else:
+        discard_early()
+
+
 def discard_early() -> None:
     """The config says tracking is off: the spare writer (if any) exits now."""
     global _early
