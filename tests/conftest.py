@@ -44,6 +44,31 @@ def until(condition: Any, what: str, seconds: float = 120) -> None:
     pytest.fail(f"never: {what}")
 
 
+def pipeline_file(name: str, **stages: str) -> dict[str, str]:
+    """A user config's `pipeline/<name>.yaml` (for `user_conf`), each stage's body given
+    as a YAML flow mapping: `pipeline_file("p", a="{_target_: m.f}")`."""
+    body = "".join(f"  {stage}: {spec}\n" for stage, spec in stages.items())
+    return {f"pipeline/{name}.yaml": f"# @package _global_\nname: {name}\nstages:\n{body}"}
+
+
+def mlflow_run_running(db: Path, name: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until the MLflow run `name` is RUNNING in the SQLite store `db` (bounded), read
+    from the store's own table; fails at once when `proc` (the pipekit run) has ended."""
+    import sqlite3
+
+    def running() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"pipekit ended early ({proc.returncode}): {proc.communicate()[1]}")
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                found = con.execute("SELECT status FROM runs WHERE name = ?", (name,))
+                return ("RUNNING",) in found.fetchall()
+        except sqlite3.Error:  # not there yet, being created or migrated
+            return False
+
+    until(running, f"MLflow run {name!r} RUNNING in {db}", seconds)
+
+
 def make(stages: dict[str, Any], name: str = "t", **top: Any) -> pk.Pipeline:
     """A pipeline from plain stage dicts, with `core_stages.` prefixed to short targets."""
     fixed = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make
+from conftest import make, pipeline_file
 
 import pipekit as pk
 from pipekit.core.events import Observer
@@ -286,8 +286,7 @@ def test_user_config_dir_keeps_pipekit_groups(user_conf):
     conf = user_conf(
         {
             "config.yaml": {"defaults": [{"pipeline": "mine"}, {"executor": "sync"}, "_self_"]},
-            "pipeline/mine.yaml": "# @package _global_\nname: mine\nstages:\n"
-            "  a: {_target_: core_stages.const, params: {value: 7}}\n",
+            **pipeline_file("mine", a="{_target_: core_stages.const, params: {value: 7}}"),
         }
     )
     p = pk.load(config_dir=conf)

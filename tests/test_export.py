@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import make
+from conftest import make, pipeline_file
 from conftest import run_pipekit as pipekit
 
 import pipekit as pk
@@ -229,12 +229,7 @@ def test_a_task_runs_its_stage_in_the_export_directory_upstream_from_the_cache(t
 def test_a_tracked_task_leaves_mlflow_to_the_fork_server(tmp_path, user_conf, cli_env):
     """Each Airflow task is a new process: like `pipekit run`, it never imports MLflow
     (seconds of CPU per task); a fork of the fork server writes its runs."""
-    conf = user_conf(
-        {
-            "pipeline/probe.yaml": "# @package _global_\nname: probe\nstages:\n"
-            "  probe: {_target_: test_tracking_faults.probe}\n"
-        }
-    )
+    conf = user_conf(pipeline_file("probe", probe="{_target_: test_tracking_faults.probe}"))
     db = tmp_path / "mlflow.db"
     command = [sys.executable, "-m", "pipekit.export.task", "--workdir", str(tmp_path)]
     overrides = ["pipeline=probe", "executor=sync", "cache=off", f"tracking.uri=sqlite:///{db}"]

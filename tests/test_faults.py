@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import make, run_pipekit
+from conftest import make, mlflow_run_running, run_pipekit, until
 
 from pipekit.errors import StageError, UnpicklableOutputError
 
@@ -63,36 +63,15 @@ def start(command: list[str], env: dict, cwd: Path, **extra) -> subprocess.Popen
 
 def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 90) -> int:
     """The pid a `hang` stage wrote to `path`, once it runs (bounded; fails if proc ended)."""
-    deadline = time.monotonic() + seconds
-    while not path.exists():
+
+    def started() -> bool:
         if proc.poll() is not None:
             _out, err = proc.communicate(timeout=10)
             pytest.fail(f"pipekit ended before the stage ran ({proc.returncode}):\n{err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path.name} never started")
-        time.sleep(0.05)
+        return path.exists()
+
+    until(started, f"{path.name} to start", seconds)
     return int(path.read_text())
-
-
-def wait_for_run(db: Path, name: str, proc: subprocess.Popen, seconds: float = 120) -> None:
-    """Until the MLflow run `name` is RUNNING in the SQLite store `db` (bounded), so the
-    signal lands on an open stage run. Read with sqlite3: the store's own table."""
-    import sqlite3
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-                    found = con.execute(
-                        "SELECT status FROM runs WHERE name = ?", (name,)
-                    ).fetchall()
-                if ("RUNNING",) in found:
-                    return
-            except sqlite3.Error:  # being created or migrated
-                pass
-        time.sleep(0.1)
-    pytest.fail(f"MLflow run {name!r} never RUNNING in {db}")
 
 
 def alive(pid: int) -> bool:
@@ -268,7 +247,7 @@ def test_signal_ends_a_hung_run_killed_with_nothing_left(executor, sig, tmp_path
     )
     try:
         worker = wait_for(tmp_path / "stuck.pid", proc)
-        wait_for_run(tmp_path / "mlflow.db", "stuck", proc)
+        mlflow_run_running(tmp_path / "mlflow.db", "stuck", proc)
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         if executor == "processes":
             assert worker in children and worker != proc.pid
@@ -319,7 +298,7 @@ def test_second_ctrl_c_prints_no_traceback(tmp_path, cli_env):
     )
     try:
         wait_for(tmp_path / "stuck.pid", proc)
-        wait_for_run(tmp_path / "mlflow.db", "stuck", proc)
+        mlflow_run_running(tmp_path / "mlflow.db", "stuck", proc)
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.2)  # the second one lands while the first is being handled, or after
         with contextlib.suppress(ProcessLookupError):
@@ -398,7 +377,7 @@ def test_sigterm_to_a_python_program_ends_its_run_killed(tmp_path, cli_env):
     proc = start([sys.executable, str(script), str(tmp_path), uri], cli_env, tmp_path)
     try:
         worker = wait_for(tmp_path / "stuck.pid", proc)
-        wait_for_run(tmp_path / "mlflow.db", "stuck", proc)
+        mlflow_run_running(tmp_path / "mlflow.db", "stuck", proc)
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert worker in children
         proc.send_signal(signal.SIGTERM)

@@ -8,11 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import make
+from conftest import make, until
 from conftest import run_pipekit as pipekit
 
 from pipekit.errors import ConcurrencyConfigError, ConfigTypeError, RunSkipped
@@ -61,13 +60,6 @@ def start(who: str, config: Path, cwd: Path, env: dict[str, str], *extra: str) -
     )
 
 
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + BOUND
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def finish(process: subprocess.Popen) -> int:
     try:
         return process.wait(timeout=BOUND)
@@ -82,10 +74,12 @@ def test_a_second_run_waits_for_the_first(user_conf, cli_env, tmp_path):
     first = start("a", config, tmp_path, cli_env)
     second = None
     try:
-        wait_for((tmp_path / "a.started").exists, "run a to start its stage")
+        until((tmp_path / "a.started").exists, "run a to start its stage", BOUND)
         (tmp_path / "b.release").write_text("")  # b would finish at once if it ran
         second = start("b", config, tmp_path, cli_env)
-        wait_for(lambda: "waiting for the previous run" in (tmp_path / "b.log").read_text(), "b")
+        until(
+            lambda: "waiting for the previous run" in (tmp_path / "b.log").read_text(), "b", BOUND
+        )
         assert not (tmp_path / "b.started").exists()  # b queues; it did not start its stage
         (tmp_path / "a.release").write_text("")
         assert finish(first) == 0, (tmp_path / "a.log").read_text()
@@ -105,7 +99,7 @@ def test_skip_exits_0_saying_so_and_runs_nothing(user_conf, cli_env, tmp_path):
     config = conf(user_conf, tmp_path)
     first = start("a", config, tmp_path, cli_env)
     try:
-        wait_for((tmp_path / "a.started").exists, "run a to start its stage")
+        until((tmp_path / "a.started").exists, "run a to start its stage", BOUND)
         (tmp_path / "b.release").write_text("")
         second = pipekit(
             "run",
@@ -137,7 +131,7 @@ def test_a_killed_run_leaves_no_stale_lock(user_conf, cli_env, tmp_path):
     config = conf(user_conf, tmp_path)
     first = start("a", config, tmp_path, cli_env)
     try:
-        wait_for((tmp_path / "a.started").exists, "run a to start its stage")
+        until((tmp_path / "a.started").exists, "run a to start its stage", BOUND)
         os.kill(first.pid, signal.SIGKILL)
     finally:
         finish(first)
@@ -237,12 +231,12 @@ def test_a_merged_sweep_waits_for_a_run_holding_the_lock(user_conf, cli_env, tmp
     first = start("a", config, tmp_path, cli_env)
     sweep = None
     try:
-        wait_for((tmp_path / "a.started").exists, "run a to start its stage")
+        until((tmp_path / "a.started").exists, "run a to start its stage", BOUND)
         for who in ("b", "c"):  # the sweep's stages would finish at once if they ran
             (tmp_path / f"{who}.release").write_text("")
         sweep = start_sweep("b,c", config, tmp_path, cli_env)
         log = tmp_path / "sweep.log"
-        wait_for(lambda: "waiting for the previous run" in log.read_text(), "the sweep to wait")
+        until(lambda: "waiting for the previous run" in log.read_text(), "the sweep to wait", BOUND)
         assert not (tmp_path / "b.started").exists() and not (tmp_path / "c.started").exists()
         (tmp_path / "a.release").write_text("")
         assert finish(first) == 0, (tmp_path / "a.log").read_text()
@@ -264,7 +258,7 @@ def test_a_run_skips_while_a_merged_sweep_holds_the_lock(user_conf, cli_env, tmp
     sweep = start_sweep("b,c", config, tmp_path, cli_env)
     try:
         started = [tmp_path / "b.started", tmp_path / "c.started"]
-        wait_for(lambda: any(p.exists() for p in started), "the sweep to start a job's stage")
+        until(lambda: any(p.exists() for p in started), "the sweep to start a job's stage", BOUND)
         other = pipekit(
             "run", "-cd", str(config), "pipeline=hold", "vars.who=a", "tracking=off",
             "++concurrency=skip", env=cli_env, cwd=tmp_path, timeout=BOUND,

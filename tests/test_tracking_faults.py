@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fork_server, run_pipekit, until
+from conftest import fork_server, mlflow_run_running, pipeline_file, run_pipekit, until
 
 import pipekit as pk
 from pipekit.core.redact import (
@@ -501,10 +501,7 @@ def unpicklable() -> dict:
 def test_a_partly_tracked_run_says_which_mlflow_run_is_incomplete(user_conf, tmp_path, cli_env):
     """The parent run exists but a model could not be logged: the closing line names it."""
     conf = user_conf(
-        {
-            "pipeline/part.yaml": "# @package _global_\nname: part\nstages:\n"
-            "  m: {_target_: test_tracking_faults.unpicklable, model: true}\n"
-        }
+        pipeline_file("part", m="{_target_: test_tracking_faults.unpicklable, model: true}")
     )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["run", "-cd", str(conf), "pipeline=part", "executor=sync", "cache=off"]
@@ -565,6 +562,10 @@ def gate(directory: str, x: int = 0) -> dict:
     return {"passed": 1.0}
 
 
+#: A pipeline of `probe` alone (tests of the CLI and of Airflow tasks use it).
+PROBE = pipeline_file("probe", probe="{_target_: test_tracking_faults.probe}")
+
+
 def probe() -> dict:
     """Whether the process running the stages (the driver) has imported MLflow."""
     return {"mlflow_in_driver": float("mlflow" in sys.modules)}
@@ -572,14 +573,13 @@ def probe() -> dict:
 
 def gated(user_conf, directory: Path) -> Path:
     return user_conf(
-        {
-            "pipeline/gated.yaml": "# @package _global_\nname: gated\nstages:\n"
-            "  first: {_target_: test_tracking_faults.make_value, params: {value: 3}}\n"
-            "  gate: {_target_: test_tracking_faults.gate, inputs: {x: first}, "
-            f"params: {{directory: '{directory}'}}}}\n"
-            "  after: {_target_: test_tracking_faults.score, inputs: {value: first}, "
-            "after: [gate]}\n"
-        }
+        pipeline_file(
+            "gated",
+            first="{_target_: test_tracking_faults.make_value, params: {value: 3}}",
+            gate="{_target_: test_tracking_faults.gate, inputs: {x: first}, "
+            f"params: {{directory: '{directory}'}}}}",
+            after="{_target_: test_tracking_faults.score, inputs: {value: first}, after: [gate]}",
+        )
     )
 
 
@@ -614,15 +614,6 @@ def parent_ids(db: Path) -> list[str]:
             "(SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId') ORDER BY start_time"
         ).fetchall()
     return [run_id for (run_id,) in rows]
-
-
-def gate_running(db: Path, proc: subprocess.Popen) -> bool:
-    if proc.poll() is not None:
-        pytest.fail(f"pipekit ended early ({proc.returncode}): {proc.communicate()[1]}")
-    try:
-        return run_statuses(db).get("gate", ("",))[0] == "RUNNING"
-    except sqlite3.Error:  # being created
-        return False
 
 
 #: The two kinds of writer process of `pipekit run` (PIPEKIT_TRACKING_WRITER).
@@ -668,7 +659,7 @@ def test_a_driver_killed_mid_run_leaves_no_mlflow_run_running(
     cli_env = writer_env(cli_env, mode, fork_runtime)
     proc = start_gated(conf, f"sqlite:///{db}", cli_env, tmp_path)
     try:
-        until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
+        mlflow_run_running(db, "gate", proc)
         writer = writer_process(proc, mode, fork_runtime)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole process group
         proc.wait(timeout=30)
@@ -702,7 +693,7 @@ def test_a_writer_process_killed_mid_run_ends_the_runs_and_says_so(
     cli_env = writer_env(cli_env, mode, fork_runtime)
     proc = start_gated(gated(user_conf, tmp_path), f"sqlite:///{db}", cli_env, tmp_path)
     try:
-        until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
+        mlflow_run_running(db, "gate", proc)
         writer = writer_process(proc, mode, fork_runtime)
         writer.kill()
         until(lambda: gone(writer), "the writer process ends", 30)
@@ -739,7 +730,7 @@ def test_the_fork_server_killed_mid_run_cuts_nothing_short(
     conf = gated(user_conf, tmp_path)
     proc = start_gated(conf, f"sqlite:///{db}", cli_env, tmp_path)
     try:
-        until(lambda: gate_running(db, proc), "the stage run 'gate' RUNNING")
+        mlflow_run_running(db, "gate", proc)
         server = fork_server(fork_runtime)
         server.kill()
         server.wait(timeout=30)
@@ -762,12 +753,7 @@ def test_the_fork_server_killed_mid_run_cuts_nothing_short(
 
 
 def test_the_driver_of_a_tracked_cli_run_never_imports_mlflow(user_conf, tmp_path, cli_env):
-    conf = user_conf(
-        {
-            "pipeline/probe.yaml": "# @package _global_\nname: probe\nstages:\n"
-            "  probe: {_target_: test_tracking_faults.probe}\n"
-        }
-    )
+    conf = user_conf(PROBE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["run", "-cd", str(conf), "pipeline=probe", "executor=sync", "cache=off"]
     proc = run_pipekit(*args, f"tracking.uri={uri}", env=cli_env, cwd=tmp_path)

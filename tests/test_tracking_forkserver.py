@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TESTS, fork_server, run_pipekit, until
+from conftest import TESTS, fork_server, pipeline_file, run_pipekit, until
 
 from pipekit.tracking import forkserver
 
@@ -183,12 +183,7 @@ def one() -> dict:
 def one_stage(user_conf, cli_env, fork_runtime):
     """A one-stage pipeline's config dir, and the environment of `pipekit run`s whose
     writers are forks of this test's fork server."""
-    conf = user_conf(
-        {
-            "pipeline/one.yaml": "# @package _global_\nname: one\nstages:\n"
-            "  a: {_target_: test_tracking_forkserver.one}\n"
-        }
-    )
+    conf = user_conf(pipeline_file("one", a="{_target_: test_tracking_forkserver.one}"))
     env = {**cli_env, forkserver.DIR_ENV: str(fork_runtime)}
     return conf, {**env, "PIPEKIT_TRACKING_WRITER": "forkserver"}
 
