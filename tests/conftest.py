@@ -44,6 +44,16 @@ def until(condition: Any, what: str, seconds: float = 120) -> None:
     pytest.fail(f"never: {what}")
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """A test's cleanup: a pipekit process started in a process group of its own
+    (`start_new_session=True`) and still running is killed with its whole group."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+
 def pipeline_file(name: str, **stages: str) -> dict[str, str]:
     """A user config's `pipeline/<name>.yaml` (for `user_conf`), each stage's body given
     as a YAML flow mapping: `pipeline_file("p", a="{_target_: m.f}")`."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import make, mlflow_run_running, run_pipekit, until
+from conftest import kill_group, make, mlflow_run_running, run_pipekit, until
 
 from pipekit.errors import StageError, UnpicklableOutputError
 
@@ -259,9 +259,7 @@ def test_signal_ends_a_hung_run_killed_with_nothing_left(executor, sig, tmp_path
             proc.send_signal(sig)
         _out, err = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_group(proc)
     name = signal.Signals(sig).name
     assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err
@@ -305,9 +303,7 @@ def test_second_ctrl_c_prints_no_traceback(tmp_path, cli_env):
             os.killpg(proc.pid, signal.SIGINT)
         _out, err = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_group(proc)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert len([line for line in err.splitlines() if "interrupted" in line]) == 1, err
@@ -343,9 +339,7 @@ def test_workers_exit_after_kill_9_of_the_driver(tmp_path, cli_env):
         proc.wait(timeout=10)
         assert_gone(children)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_group(proc)
 
 
 # --- the same from Python: SIGTERM stops the run cleanly, then ends the process ----------
@@ -383,9 +377,7 @@ def test_sigterm_to_a_python_program_ends_its_run_killed(tmp_path, cli_env):
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_group(proc)
     assert proc.returncode == -signal.SIGTERM, err  # ended by SIGTERM, as its sender meant
     assert "Traceback" not in err
     assert_gone(children)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fork_server, mlflow_run_running, pipeline_file, run_pipekit, until
+from conftest import fork_server, kill_group, mlflow_run_running, pipeline_file, run_pipekit, until
 
 import pipekit as pk
 from pipekit.core.redact import (
@@ -700,9 +700,7 @@ def test_a_writer_process_killed_mid_run_ends_the_runs_and_says_so(
         (tmp_path / "go").touch()  # the stages go on
         out, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=30)
+        kill_group(proc)
     assert proc.returncode == 0, err  # tracking.on_error=warn: the stages passed
     assert out.splitlines() == ["gate: passed=1", "after: score=6"]
     assert "Traceback" not in err
@@ -737,9 +735,7 @@ def test_the_fork_server_killed_mid_run_cuts_nothing_short(
         (tmp_path / "go").touch()
         _out, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=30)
+        kill_group(proc)
     assert proc.returncode == 0, err
     assert "tracking failed" not in err and "Traceback" not in err
     assert {status for status, _e in run_statuses(db).values()} == {"FINISHED"}
